@@ -1,0 +1,128 @@
+"""FastAPI application: lifespan (one producer per process), JSON errors, body size limit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from indextts_api import __version__
+from indextts_api.api.routes import router
+from indextts_api.config import Settings
+from indextts_api.kafka import AsyncProducer
+
+logger = logging.getLogger(__name__)
+
+
+def describe_validation_error(error: dict[str, Any]) -> str:
+    """One line naming the field and the rule, e.g. ``params.temperature: Input should be ≤ 2``."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"{field}: required field is missing"
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field"
+    if kind == "json_invalid":
+        return "body: not valid JSON"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{field}: {message}"
+
+
+def _unknown_field_hint(errors: list[dict[str, Any]]) -> str:
+    from indextts_api.schemas import TaskCreate, TaskParams
+
+    hints = []
+    for error in errors:
+        if error.get("type") != "extra_forbidden":
+            continue
+        model = TaskParams if "params" in error.get("loc", ()) else TaskCreate
+        where = "params" if model is TaskParams else "the request"
+        hints.append(f"accepted keys in {where}: {', '.join(model.model_fields)}")
+    return ("; " + "; ".join(dict.fromkeys(hints))) if hints else ""
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    text = "; ".join(describe_validation_error(error) for error in errors) + _unknown_field_hint(errors)
+    return JSONResponse(status_code=400, content={"error": text})
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=exc)
+    return JSONResponse(status_code=500, content={"error": "internal server error"})
+
+
+class BodySizeLimit:
+    """Refuses bodies over ``max_bytes`` with 413, declared or streamed (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                await self._refuse(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(status_code=413, content={"error": f"request body larger than {self.max_bytes} bytes"})
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
+        app.state.producer = AsyncProducer(settings)
+        try:
+            yield
+        finally:
+            app.state.producer.close()
+
+    app = FastAPI(
+        title="IndexTTS API",
+        version=__version__,
+        summary="Text-to-speech jobs: queue a task, receive the audio URL by webhook.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,49 @@
+"""Typed dependencies of the routes, in one place."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from indextts_api.config import Settings
+from indextts_api.kafka import AsyncProducer
+
+_basic = HTTPBasic(auto_error=False, realm="indextts-api")
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_producer(request: Request) -> AsyncProducer:
+    producer: AsyncProducer = request.app.state.producer
+    return producer
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+ProducerDep = Annotated[AsyncProducer, Depends(get_producer)]
+
+
+def require_user(
+    settings: SettingsDep, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
+) -> str:
+    """Basic auth, compared in constant time; 401 with a Basic challenge otherwise."""
+    expected_user = (settings.api_username or "").encode()
+    expected_password = settings.api_password.get_secret_value().encode() if settings.api_password else b""
+    if credentials is not None and expected_user and expected_password:
+        user_ok = secrets.compare_digest(credentials.username.encode(), expected_user)
+        password_ok = secrets.compare_digest(credentials.password.encode(), expected_password)
+        if user_ok and password_ok:
+            return credentials.username
+    raise HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail="Authentication required",
+        headers={"WWW-Authenticate": 'Basic realm="indextts-api"'},
+    )
+
+
+UserDep = Annotated[str, Depends(require_user)]

@@ -1,0 +1,186 @@
+"""The one typed settings object. Nothing else in the project reads the environment.
+
+Every variable is documented in ``config.env.example``. Values come from the process
+environment first, then from ``.env`` in the working directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineName = Literal["auto", "indextts2", "piper"]
+
+# Placeholders from the spec's example configuration: never acceptable as real credentials.
+PLACEHOLDER_SECRETS = frozenset({"your_password", "your_username", "changeme", "password", "secret"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- API -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=7861, ge=0, le=65535)
+    api_username: str | None = None
+    api_password: SecretStr | None = None
+    max_text_chars: int = Field(default=10_000, gt=0)
+    max_request_bytes: int = Field(default=256 * 1024, gt=0)
+
+    # --- Kafka (spec names) -----------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = None
+    kafka_task_topic: str = "tts_tasks"
+    kafka_result_topic: str = "tts_results"
+    kafka_dead_letter_topic: str = "tts_dead_letters"
+    kafka_tts_consumer_group: str = "tts_workers"
+    kafka_upload_consumer_group: str = "upload_workers"
+    kafka_topic_partitions: int = Field(default=12, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_security_protocol: str | None = None  # e.g. SASL_SSL for MSK / Confluent Cloud
+    kafka_sasl_mechanism: str | None = None  # e.g. PLAIN, SCRAM-SHA-512
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+
+    # --- S3 (spec names) --------------------------------------------------------------------
+    s3_endpoint_url: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_bucket_name: str | None = None
+    s3_region: str = "us-east-1"
+    s3_public_url: str | None = None
+    s3_key_prefix: str = ""
+    s3_presign: bool | None = None  # None: presigned URLs for the embedded S3 (private), plain URLs otherwise
+    s3_presign_expires_s: int = Field(default=7 * 24 * 3600, gt=0, le=7 * 24 * 3600)
+
+    # --- Embedded infrastructure ------------------------------------------------------------
+    data_dir: Path = Path("./data")
+    embedded_kafka_port: int = Field(default=19092, ge=0, le=65535)
+    embedded_s3_port: int = Field(default=18333, ge=0, le=65535)
+    embedded_bucket_name: str = "tts-audio"
+
+    # --- Workers and engines ----------------------------------------------------------------
+    engine: EngineName = "auto"
+    model_dir: Path = Path("./checkpoints")
+    fp16: bool = False
+    deepspeed: bool = False
+    cuda_kernel: bool = False
+    tts_workers: int = Field(default=1, ge=0)
+    upload_workers: int = Field(default=1, ge=0)
+    # Claim-check location for synthesized audio between the TTS and upload workers:
+    # a local/shared directory (empty = DATA_DIR/spool) or an S3 staging prefix s3://bucket/prefix/.
+    spool_uri: str = ""
+    prompt_dir: Path = Path("./prompts")
+    prompt_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    prompt_max_seconds: float = Field(default=60.0, gt=0)
+    prompt_connect_timeout_s: float = Field(default=5.0, gt=0)
+    prompt_read_timeout_s: float = Field(default=30.0, gt=0)
+    prompt_max_redirects: int = Field(default=3, ge=0)
+
+    # --- Webhooks ---------------------------------------------------------------------------
+    webhook_secret: SecretStr | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_attempts: int = Field(default=3, ge=1)
+    webhook_backoff_s: float = Field(default=1.0, ge=0)
+
+    # --- Security and logging ---------------------------------------------------------------
+    allow_private_urls: bool | None = None  # None: true in embedded mode, false otherwise
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator(
+        "kafka_bootstrap_servers", "s3_endpoint_url", "s3_access_key", "s3_bucket_name", "s3_public_url",
+        "api_username", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # The spec's example sets `S3_ENDPOINT_URL=` for AWS: an empty value means "not set".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("api_password", "s3_secret_key", "webhook_secret", "kafka_sasl_password", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value:
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _reject_placeholder_credentials(self) -> Settings:
+        password = self.api_password.get_secret_value() if self.api_password else None
+        if password is not None and password.lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("API_PASSWORD is a placeholder from the example configuration; set a real one")
+        return self
+
+    # --- Derived facts ----------------------------------------------------------------------
+    @property
+    def kafka_embedded(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def s3_embedded(self) -> bool:
+        return not any(
+            (self.s3_endpoint_url, self.s3_access_key, self.s3_secret_key, self.s3_bucket_name)
+        )
+
+    @property
+    def fully_embedded(self) -> bool:
+        return self.kafka_embedded and self.s3_embedded
+
+    @property
+    def private_urls_allowed(self) -> bool:
+        if self.allow_private_urls is not None:
+            return self.allow_private_urls
+        return self.fully_embedded
+
+    @property
+    def presign_urls(self) -> bool:
+        if self.s3_presign is not None:
+            return self.s3_presign
+        return self.s3_embedded
+
+    @property
+    def bucket(self) -> str:
+        return self.s3_bucket_name or self.embedded_bucket_name
+
+    @property
+    def spool_location(self) -> str:
+        return self.spool_uri or str((self.data_dir / "spool").resolve())
+
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as environment variables, to start another role with exactly the same ones."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[name.upper()] = str(value)
+        return env
+
+
+_current: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once (or as given to ``configure``)."""
+    global _current
+    if _current is None:
+        _current = Settings()
+    return _current
+
+
+def configure(**overrides: object) -> Settings:
+    """Load the settings with command-line overrides on top, and make them the process-wide ones."""
+    global _current
+    _current = Settings(**overrides)  # type: ignore[arg-type]
+    return _current

@@ -1,0 +1,1 @@
+"""Embedded infrastructure (Tansu broker, SeaweedFS S3) and child-process helpers."""

@@ -1,0 +1,37 @@
+"""Logging set-up for every role: one line per event, plain text (or JSON, LOG_FORMAT=json)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str, role: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {role}[%(process)d] %(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Chatty libraries: their debug/info lines are not events of this service.
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

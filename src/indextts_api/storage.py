@@ -1,0 +1,110 @@
+"""The one S3 client: audio objects, their keys and the URL a client receives."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from indextts_api.config import Settings
+
+logger = logging.getLogger(__name__)
+
+AUDIO_CONTENT_TYPE = "audio/wav"
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client with timeouts and bounded retries (one per process, shared by threads)."""
+    custom_endpoint = settings.s3_endpoint_url is not None
+    config = Config(
+        signature_version="s3v4",
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 5, "mode": "standard"},
+        # MinIO, SeaweedFS and most S3-compatible servers want path-style addressing.
+        s3={"addressing_style": "path" if custom_endpoint else "auto"},
+        max_pool_connections=32,
+    )
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        aws_access_key_id=settings.s3_access_key,
+        aws_secret_access_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else None,
+        region_name=settings.s3_region,
+        config=config,
+    )
+
+
+def audio_key(settings: Settings, task_uuid: str) -> str:
+    prefix = settings.s3_key_prefix.strip("/")
+    return f"{prefix}/{task_uuid}.wav" if prefix else f"{task_uuid}.wav"
+
+
+def public_url(settings: Settings, key: str) -> str:
+    """The URL the spec's rules give for ``key`` (S3_PUBLIC_URL; R2; other endpoints path-style; AWS)."""
+    if settings.s3_public_url:
+        return f"{settings.s3_public_url.rstrip('/')}/{key}"
+    if settings.s3_endpoint_url:
+        endpoint = settings.s3_endpoint_url.rstrip("/")
+        if "r2.cloudflarestorage.com" in endpoint:
+            return f"{endpoint}/{key}"
+        return f"{endpoint}/{settings.bucket}/{key}"
+    return f"https://{settings.bucket}.s3.{settings.s3_region}.amazonaws.com/{key}"
+
+
+class AudioStore:
+    """Finished audio in the bucket."""
+
+    def __init__(self, settings: Settings, client: Any) -> None:
+        self._settings = settings
+        self._client = client
+        self.bucket = settings.bucket
+
+    def key_for(self, task_uuid: str) -> str:
+        return audio_key(self._settings, task_uuid)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                raise
+            logger.info("creating bucket %s", self.bucket)
+            self._client.create_bucket(Bucket=self.bucket)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": AUDIO_CONTENT_TYPE})
+
+    def copy_from(self, source_bucket: str, source_key: str, key: str) -> None:
+        self._client.copy_object(
+            Bucket=self.bucket,
+            Key=key,
+            CopySource={"Bucket": source_bucket, "Key": source_key},
+            ContentType=AUDIO_CONTENT_TYPE,
+            MetadataDirective="REPLACE",
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def url_for(self, key: str) -> str:
+        """The URL sent in the webhook: presigned for private buckets, else the spec's public URL."""
+        if self._settings.presign_urls:
+            return str(
+                self._client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": self.bucket, "Key": key},
+                    ExpiresIn=self._settings.s3_presign_expires_s,
+                )
+            )
+        return public_url(self._settings, key)

@@ -1,0 +1,117 @@
+"""The consumer loop both worker roles share.
+
+One message at a time per process: the partitions are paused while the handler runs in a thread,
+and the loop keeps polling, so a synthesis of many minutes never exceeds max.poll.interval.ms
+and never costs the worker its group membership. The offset is committed only after the handler
+returned, i.e. after the step's effect is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from indextts_api.kafka import Consumer
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.1
+RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class TransientError(Exception):
+    """The step could not complete now (broker or storage down): retry the same message later."""
+
+
+Handler = Callable[[Message], None]
+
+
+class PausingConsumerLoop:
+    def __init__(self, consumer: Consumer, topic: str, handler: Handler, stop: threading.Event, role: str) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._handler = handler
+        self._stop = stop
+        self._role = role
+        self._busy = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
+        self._failures = 0
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("%s assigned %s", self._role, [p.partition for p in partitions])
+        if self._busy and partitions:
+            # Cooperative rebalancing adds partitions while we work: they must wait too.
+            consumer.pause(partitions)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
+
+    def run(self) -> None:
+        self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self._stop.is_set():
+                message = self._consumer.poll(POLL_INTERVAL_S)
+                if message is None:
+                    continue
+                if message.error():
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        logger.warning("%s consumer error: %s", self._role, message.error())
+                    continue
+                self._process(message)
+        finally:
+            self._executor.shutdown(wait=True)
+            self._consumer.close()  # leaves the group at once: partitions move without waiting a session
+            logger.info("%s stopped", self._role)
+
+    def _process(self, message: Message) -> None:
+        self._busy = True
+        self._consumer.pause(self._consumer.assignment())
+        try:
+            future: Future[None] = self._executor.submit(self._handler, message)
+            while not future.done():
+                stray = self._consumer.poll(POLL_INTERVAL_S)  # keeps the membership alive
+                if stray is not None and not stray.error():
+                    # Fetched before the pause took effect: hand it back for later.
+                    self._consumer.seek(TopicPartition(stray.topic(), stray.partition(), stray.offset()))
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - every failure here means: retry this message
+                self._retry_later(message, exc)
+                return
+            self._failures = 0
+            self._commit(message)
+        finally:
+            self._busy = False
+            self._consumer.resume(self._consumer.assignment())
+
+    def _commit(self, message: Message) -> None:
+        offset = TopicPartition(message.topic(), message.partition(), message.offset() + 1)
+        try:
+            self._consumer.commit(offsets=[offset], asynchronous=False)
+        except KafkaException as exc:
+            # Usually a rebalance took the partition away: the new owner gets the message again,
+            # and processing is idempotent by task_uuid.
+            logger.warning("%s could not commit %s[%d]@%d: %s", self._role, message.topic(),
+                           message.partition(), message.offset(), exc)
+
+    def _retry_later(self, message: Message, exc: Exception) -> None:
+        delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
+        self._failures += 1
+        logger.warning(
+            "%s will retry %s[%d]@%d in %.0f s: %s",
+            self._role, message.topic(), message.partition(), message.offset(), delay, exc,
+            exc_info=not isinstance(exc, TransientError),
+        )
+        try:
+            self._consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+        except KafkaException as seek_error:
+            logger.warning("%s could not rewind: %s", self._role, seek_error)
+        # Wait without losing the group membership; a stop request ends the wait.
+        waited = 0.0
+        while waited < delay and not self._stop.is_set():
+            self._consumer.poll(POLL_INTERVAL_S)
+            waited += POLL_INTERVAL_S

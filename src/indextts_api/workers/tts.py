@@ -1,0 +1,140 @@
+"""TTS worker: task topic → prompt fetch → engine → spool → result topic, then commit."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from confluent_kafka import Message, Producer
+from pydantic import ValidationError
+
+from indextts_api import kafka
+from indextts_api.config import Settings
+from indextts_api.engines import Engine, SynthesisJob, load_engine
+from indextts_api.httpclient import make_http_client
+from indextts_api.prompts import PromptError, PromptFetcher
+from indextts_api.schemas import ResultMessage, TaskMessage, now
+from indextts_api.spool import Spool, make_work_dir
+from indextts_api.storage import AudioStore, make_s3_client
+from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
+
+logger = logging.getLogger(__name__)
+
+
+class TaskProcessor:
+    """Everything one task needs, built once per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        fetcher: PromptFetcher,
+        spool: Spool,
+        store: AudioStore,
+        producer: Producer,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._fetcher = fetcher
+        self._spool = spool
+        self._store = store
+        self._producer = producer
+
+    def handle(self, message: Message) -> None:
+        try:
+            task = TaskMessage.model_validate_json(message.value() or b"")
+        except ValidationError as exc:
+            kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
+            return
+        result = self._run(task)
+        try:
+            kafka.produce_and_wait(
+                self._producer, self._settings.kafka_result_topic, task.task_uuid,
+                result.model_dump_json(exclude_none=True).encode(),
+            )
+        except kafka.BrokerUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+
+    def _run(self, task: TaskMessage) -> ResultMessage:
+        uuid = task.task_uuid
+        base = {"task_uuid": uuid, "hook_url": task.hook_url, "queued_at": task.timestamp, "engine": self._engine.name}
+        if self._already_uploaded(uuid):
+            # A redelivered task whose audio is already stored: do not synthesize it again.
+            logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
+            return ResultMessage(status="success", timestamp=now(), **base)
+        started = time.monotonic()
+        try:
+            speaker = self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
+            emotion = None
+            if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
+                emotion = self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
+        except PromptError as exc:
+            logger.info("task %s failed: %s", uuid, exc)
+            return ResultMessage(status="failed", error_message=str(exc), timestamp=now(), **base)
+        fetched = time.monotonic()
+        scratch = self._spool.scratch_path(uuid)
+        try:
+            job = SynthesisJob(uuid, task.text, speaker, emotion, task.params)
+            try:
+                outcome = self._engine.synthesize(job, scratch)
+            except Exception as exc:  # noqa: BLE001 - an engine failure fails this task only
+                logger.exception("task %s synthesis failed", uuid)
+                message = f"synthesis failed: {type(exc).__name__}: {exc}"
+                return ResultMessage(status="failed", error_message=message, timestamp=now(), **base)
+            synthesized = time.monotonic()
+            try:
+                audio_uri = self._spool.store(uuid, scratch)
+            except Exception as exc:
+                raise TransientError(f"could not spool audio: {exc}") from exc
+        finally:
+            scratch.unlink(missing_ok=True)
+        logger.info(
+            "task %s synthesized %.2f s of audio in %.2f s (prompt %.2f s)%s",
+            uuid, outcome.audio_seconds, synthesized - fetched, fetched - started,
+            f"; engine ignored: {'; '.join(outcome.ignored)}" if outcome.ignored else "",
+        )
+        return ResultMessage(
+            status="success", audio=audio_uri, timestamp=now(),
+            fetch_s=round(fetched - started, 4), synthesis_s=round(synthesized - fetched, 4),
+            audio_s=round(outcome.audio_seconds, 4), **base,
+        )
+
+    def _already_uploaded(self, uuid: str) -> bool:
+        try:
+            return self._store.exists(self._store.key_for(uuid))
+        except Exception as exc:
+            raise TransientError(f"S3 unavailable: {exc}") from exc
+
+
+def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
+    """Run one TTS worker (one engine instance) until ``stop`` is set."""
+    engine = load_engine(settings)
+    logger.info("tts worker ready: engine %s (%s)", engine.name, engine.model_version)
+    s3 = make_s3_client(settings)
+    http = make_http_client(
+        connect_timeout_s=settings.prompt_connect_timeout_s,
+        read_timeout_s=settings.prompt_read_timeout_s,
+        max_redirects=settings.prompt_max_redirects,
+    )
+    producer = kafka.make_producer(settings)
+    work_dir = make_work_dir(Path(settings.data_dir), "tts")
+    processor = TaskProcessor(
+        settings,
+        engine,
+        PromptFetcher(settings, http),
+        Spool(settings.spool_location, s3, work_dir),
+        AudioStore(settings, s3),
+        producer,
+    )
+    consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
+    try:
+        PausingConsumerLoop(consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker").run()
+    finally:
+        producer.flush(10)
+        producer.close()
+        http.close()
+        engine.close()
+        shutil.rmtree(work_dir, ignore_errors=True)

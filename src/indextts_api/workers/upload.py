@@ -1,0 +1,103 @@
+"""Upload worker: result topic → audio into S3 → webhook to the client → spool cleanup, then commit."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from confluent_kafka import Message, Producer
+from pydantic import ValidationError
+
+from indextts_api import kafka
+from indextts_api.config import Settings
+from indextts_api.httpclient import make_http_client
+from indextts_api.schemas import ResultMessage, WebhookPayload
+from indextts_api.spool import Spool, SpoolError, make_work_dir
+from indextts_api.storage import AudioStore, make_s3_client
+from indextts_api.webhooks import deliver
+from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+class ResultProcessor:
+    def __init__(
+        self, settings: Settings, store: AudioStore, spool: Spool, http: httpx.Client, producer: Producer
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._spool = spool
+        self._http = http
+        self._producer = producer
+
+    def handle(self, message: Message) -> None:
+        try:
+            result = ResultMessage.model_validate_json(message.value() or b"")
+        except ValidationError as exc:
+            kafka.dead_letter(self._producer, self._settings, message, f"invalid result message: {exc}")
+            return
+        payload = self._payload(result)
+        delivery = deliver(self._http, self._settings, result.hook_url, payload)
+        if result.audio and payload.status == "success":
+            self._spool.discard(result.audio)
+        latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
+        if delivery.delivered:
+            logger.info("task %s %s; webhook delivered (attempt %d)%s",
+                        result.task_uuid, payload.status, delivery.attempts, latency)
+        else:
+            logger.error("task %s %s; webhook NOT delivered after %d attempts: %s",
+                         result.task_uuid, payload.status, delivery.attempts, delivery.error)
+
+    def _payload(self, result: ResultMessage) -> WebhookPayload:
+        stamp = int(time.time())
+        if result.status == "failed":
+            return WebhookPayload(task_uuid=result.task_uuid, status="failed", timestamp=stamp,
+                                  error_message=result.error_message or "synthesis failed")
+        key = self._store.key_for(result.task_uuid)
+        started = time.monotonic()
+        try:
+            if result.audio:
+                self._spool.transfer(result.audio, self._store, key)
+            elif not self._store.exists(key):
+                raise SpoolError("result carries no audio and none is stored")
+        except SpoolError as exc:
+            # The audio is gone (e.g. a redelivered result after cleanup) unless it already reached S3.
+            if not self._exists(key):
+                logger.error("task %s: %s", result.task_uuid, exc)
+                return WebhookPayload(task_uuid=result.task_uuid, status="failed", timestamp=stamp,
+                                      error_message="the synthesized audio was lost before upload; please resubmit")
+        except Exception as exc:
+            raise TransientError(f"S3 upload failed: {exc}") from exc
+        logger.info("task %s uploaded %s in %.3f s", result.task_uuid, key, time.monotonic() - started)
+        return WebhookPayload(task_uuid=result.task_uuid, status="success", timestamp=stamp,
+                              s3_url=self._store.url_for(key))
+
+    def _exists(self, key: str) -> bool:
+        try:
+            return self._store.exists(key)
+        except Exception as exc:
+            raise TransientError(f"S3 unavailable: {exc}") from exc
+
+
+def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
+    """Run one upload worker until ``stop`` is set."""
+    s3 = make_s3_client(settings)
+    store = AudioStore(settings, s3)
+    http = make_http_client(connect_timeout_s=5.0, read_timeout_s=settings.webhook_timeout_s)
+    producer = kafka.make_producer(settings)
+    work_dir = make_work_dir(Path(settings.data_dir), "upload")
+    processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer)
+    consumer = kafka.make_consumer(settings, settings.kafka_upload_consumer_group)
+    logger.info("upload worker ready: bucket %s", store.bucket)
+    try:
+        PausingConsumerLoop(consumer, settings.kafka_result_topic, processor.handle, stop, "upload-worker").run()
+    finally:
+        producer.flush(10)
+        producer.close()
+        http.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
