@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The specification's entry point: API + workers in one process tree (same as `indextts-api all`).
 
-    python api_server.py [--host 127.0.0.1] [--port 7861] [--model_dir ./checkpoints] [--fp16]
-                         [--deepspeed] [--cuda_kernel] [--tts-workers 1] [--upload-workers 1] [--engine auto]
+python api_server.py [--host 127.0.0.1] [--port 7861] [--model_dir ./checkpoints] [--fp16]
+                     [--deepspeed] [--cuda_kernel] [--tts-workers 1] [--upload-workers 1] [--engine auto]
 """
 
 import sys

@@ -20,18 +20,45 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--host", default=None, help="host to run the API server on [default: 127.0.0.1]")
     add("--port", type=int, default=None, help="port to run the API server on [default: 7861]")
-    add("--model_dir", "--model-dir", dest="model_dir", default=None,
-        help="model checkpoints directory [default: ./checkpoints]")
+    add(
+        "--model_dir",
+        "--model-dir",
+        dest="model_dir",
+        default=None,
+        help="model checkpoints directory [default: ./checkpoints]",
+    )
     add("--fp16", action="store_true", default=None, help="use FP16 for inference if available")
     add("--deepspeed", action="store_true", default=None, help="use DeepSpeed to accelerate if available")
-    add("--cuda_kernel", "--cuda-kernel", dest="cuda_kernel", action="store_true", default=None,
-        help="use CUDA kernel for inference if available")
-    add("--tts-workers", "--tts_workers", dest="tts_workers", type=int, default=None,
-        help="number of TTS generation worker processes [default: 1]")
-    add("--upload-workers", "--upload_workers", dest="upload_workers", type=int, default=None,
-        help="number of upload worker processes [default: 1]")
-    add("--engine", choices=("auto", "indextts2", "piper"), default=None,
-        help="TTS engine: auto picks indextts2 when its checkpoints and package are present [default: auto]")
+    add(
+        "--cuda_kernel",
+        "--cuda-kernel",
+        dest="cuda_kernel",
+        action="store_true",
+        default=None,
+        help="use CUDA kernel for inference if available",
+    )
+    add(
+        "--tts-workers",
+        "--tts_workers",
+        dest="tts_workers",
+        type=int,
+        default=None,
+        help="number of TTS generation worker processes [default: 1]",
+    )
+    add(
+        "--upload-workers",
+        "--upload_workers",
+        dest="upload_workers",
+        type=int,
+        default=None,
+        help="number of upload worker processes [default: 1]",
+    )
+    add(
+        "--engine",
+        choices=("auto", "indextts2", "piper"),
+        default=None,
+        help="TTS engine: auto picks indextts2 when its checkpoints and package are present [default: auto]",
+    )
     add("--data-dir", dest="data_dir", default=None, help="embedded infrastructure data [default: ./data]")
     add("--prompt-dir", dest="prompt_dir", default=None, help="directory of local prompt files [default: ./prompts]")
     add("--log-level", dest="log_level", default=None, help="DEBUG, INFO, WARNING, ERROR [default: INFO]")

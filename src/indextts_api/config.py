@@ -19,9 +19,7 @@ PLACEHOLDER_SECRETS = frozenset({"your_password", "your_username", "changeme", "
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False)
 
     # --- API -------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -92,8 +90,15 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
 
     @field_validator(
-        "kafka_bootstrap_servers", "s3_endpoint_url", "s3_access_key", "s3_bucket_name", "s3_public_url",
-        "api_username", "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
+        "kafka_bootstrap_servers",
+        "s3_endpoint_url",
+        "s3_access_key",
+        "s3_bucket_name",
+        "s3_public_url",
+        "api_username",
+        "kafka_security_protocol",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
         mode="before",
     )
     @classmethod
@@ -103,9 +108,17 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("api_password", "s3_secret_key", "webhook_secret", "kafka_sasl_password", mode="before")
+    @field_validator(
+        "api_password",
+        "s3_secret_key",
+        "webhook_secret",
+        "kafka_sasl_password",
+        "s3_presign",
+        "allow_private_urls",
+        mode="before",
+    )
     @classmethod
-    def _blank_secret_is_unset(cls, value: object) -> object:
+    def _blank_optional_is_unset(cls, value: object) -> object:
         if isinstance(value, str) and not value:
             return None
         return value
@@ -124,9 +137,7 @@ class Settings(BaseSettings):
 
     @property
     def s3_embedded(self) -> bool:
-        return not any(
-            (self.s3_endpoint_url, self.s3_access_key, self.s3_secret_key, self.s3_bucket_name)
-        )
+        return not any((self.s3_endpoint_url, self.s3_access_key, self.s3_secret_key, self.s3_bucket_name))
 
     @property
     def fully_embedded(self) -> bool:
@@ -151,7 +162,6 @@ class Settings(BaseSettings):
     @property
     def spool_location(self) -> str:
         return self.spool_uri or str((self.data_dir / "spool").resolve())
-
 
     def to_env(self) -> dict[str, str]:
         """These settings as environment variables, to start another role with exactly the same ones."""

@@ -1,6 +1,6 @@
 """Development helpers: a real webhook receiver for trying the service and for its tests.
 
-    python -m indextts_api.devtools --port 9000     # prints every webhook it receives
+python -m indextts_api.devtools --port 9000     # prints every webhook it receives
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 hook = ReceivedWebhook(self.path, dict(self.headers.items()), self.rfile.read(length), time.time())
                 with receiver._lock:

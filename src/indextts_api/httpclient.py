@@ -9,9 +9,7 @@ from indextts_api import __version__
 USER_AGENT = f"indextts-api/{__version__}"
 
 
-def make_http_client(
-    *, connect_timeout_s: float, read_timeout_s: float, max_redirects: int = 0
-) -> httpx.Client:
+def make_http_client(*, connect_timeout_s: float, read_timeout_s: float, max_redirects: int = 0) -> httpx.Client:
     """A pooled client; redirects are followed only when ``max_redirects`` > 0."""
     return httpx.Client(
         timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),

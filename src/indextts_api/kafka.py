@@ -12,9 +12,9 @@ import logging
 import threading
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka import Consumer as _Consumer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from indextts_api.config import Settings
 
@@ -203,17 +203,14 @@ def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
 
 def dead_letter(producer: Producer, settings: Settings, message: Message, reason: str) -> None:
     """Park a message that cannot be processed, with its origin and the reason, then move on."""
+    key = (message.key() or b"unknown").decode("utf-8", "replace")
     envelope = {
         "reason": reason,
         "topic": message.topic(),
         "partition": message.partition(),
         "offset": message.offset(),
-        "key": (message.key() or b"").decode("utf-8", "replace"),
+        "key": key,
         "value": (message.value() or b"").decode("utf-8", "replace"),
     }
-    produce_and_wait(
-        producer, settings.kafka_dead_letter_topic, envelope["key"] or "unknown", json.dumps(envelope).encode()
-    )
-    logger.error(
-        "dead-lettered %s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), reason
-    )
+    produce_and_wait(producer, settings.kafka_dead_letter_topic, key, json.dumps(envelope).encode())
+    logger.error("dead-lettered %s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), reason)

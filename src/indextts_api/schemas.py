@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from indextts_api.config import get_settings
 
-MESSAGE_VERSION = 1
+MESSAGE_VERSION: Literal[1] = 1
 MAX_URL_CHARS = 2048
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -61,8 +61,12 @@ class TaskParams(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     # The original server defaults to 1: emotion from a reference audio, the speaker's own when none is given.
-    emo_control_method: int = Field(default=1, ge=0, le=3, description="0 same as speaker, 1 emotion audio, 2 emotion vectors, 3 emotion text")
-    emo_audio_prompt: str | None = Field(default=None, description="URL or prompt-directory path of the emotion reference audio (method 1)")
+    emo_control_method: int = Field(
+        default=1, ge=0, le=3, description="0 same as speaker, 1 emotion audio, 2 emotion vectors, 3 emotion text"
+    )
+    emo_audio_prompt: str | None = Field(
+        default=None, description="URL or prompt-directory path of the emotion reference audio (method 1)"
+    )
     emo_weight: float = Field(default=0.65, ge=0.0, le=1.0)
     emo_text: str | None = Field(default=None, max_length=1000, description="Emotion description (method 3)")
     emo_random: bool = False

@@ -202,9 +202,12 @@ def banner(settings: Settings, infra: EmbeddedInfra, fresh_credentials: bool) ->
     ]
     if infra.children:
         lines.append(f"  Data     {infra.data_dir}")
-    if fresh_credentials:
-        lines.append(f"  Login    {settings.api_username} / {settings.api_password.get_secret_value() if settings.api_password else ''}"
-                     "   (generated now, shown once; kept in data/embedded-credentials.json)")
+    if fresh_credentials and settings.api_password is not None:
+        password = settings.api_password.get_secret_value()
+        lines.append(
+            f"  Login    {settings.api_username} / {password}"
+            "   (generated now, shown once; kept in data/embedded-credentials.json)"
+        )
     elif settings.fully_embedded:
         lines.append(f"  Login    {settings.api_username} / (see {infra.data_dir / 'embedded-credentials.json'})")
     return "\n".join(lines)
@@ -231,8 +234,9 @@ def run_all(overrides: dict[str, Any]) -> int:
             counts={"tts-worker": settings.tts_workers, "upload-worker": settings.upload_workers},
         )
         pool.start()
-        return _serve_api(settings, on_ready=lambda: print(banner(settings, infra, fresh_credentials), flush=True),
-                          fatal=pool.fatal)
+        return _serve_api(
+            settings, on_ready=lambda: print(banner(settings, infra, fresh_credentials), flush=True), fatal=pool.fatal
+        )
     finally:
         if pool is not None:
             pool.stop()
@@ -247,7 +251,7 @@ def run_api() -> int:
     require_api_credentials(settings)
     try:
         kafka.ensure_topics(settings, timeout_s=10)
-    except Exception as exc:  # noqa: BLE001 - the API still starts; /generate answers 503 meanwhile
+    except Exception as exc:
         logger.warning("could not check the topics (%s); continuing", exc)
     return _serve_api(settings, on_ready=lambda: logger.info("API listening on %s:%d", settings.host, settings.port))
 

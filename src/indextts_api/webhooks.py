@@ -66,7 +66,10 @@ def deliver(client: httpx.Client, settings: Settings, url: str, payload: Webhook
             delivery.error = f"{type(exc).__name__}: {exc}"
         logger.warning(
             "task %s webhook attempt %d/%d failed: %s",
-            payload.task_uuid, attempt, settings.webhook_attempts, delivery.error,
+            payload.task_uuid,
+            attempt,
+            settings.webhook_attempts,
+            delivery.error,
         )
         if attempt < settings.webhook_attempts:
             time.sleep(settings.webhook_backoff_s * 2 ** (attempt - 1))

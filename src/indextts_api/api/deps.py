@@ -28,9 +28,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ProducerDep = Annotated[AsyncProducer, Depends(get_producer)]
 
 
-def require_user(
-    settings: SettingsDep, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
-) -> str:
+def require_user(settings: SettingsDep, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]) -> str:
     """Basic auth, compared in constant time; 401 with a Basic challenge otherwise."""
     expected_user = (settings.api_username or "").encode()
     expected_password = settings.api_password.get_secret_value().encode() if settings.api_password else b""

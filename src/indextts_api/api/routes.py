@@ -29,17 +29,17 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 def health(settings: SettingsDep) -> HealthPublic:
     """Service health, the model version and the engine in use."""
     engine = describe_engine(settings)
-    return HealthPublic(
-        status="healthy", timestamp=int(time.time()), model_version=engine.model_version, engine=engine
-    )
+    return HealthPublic(status="healthy", timestamp=int(time.time()), model_version=engine.model_version, engine=engine)
 
 
 def _check_local_prompts(settings: SettingsDep, task: TaskCreate) -> None:
     """Refuse at once a prompt path that is not in this host's prompt directory (when it has one)."""
     if not settings.prompt_dir.is_dir():
         return  # the API host may not share the workers' prompt directory; the worker checks
-    for field, reference in (("spk_audio_prompt", task.spk_audio_prompt),
-                             ("params.emo_audio_prompt", task.params.emo_audio_prompt)):
+    for field, reference in (
+        ("spk_audio_prompt", task.spk_audio_prompt),
+        ("params.emo_audio_prompt", task.params.emo_audio_prompt),
+    ):
         if reference and not is_url(reference):
             try:
                 resolve_local_prompt(settings.prompt_dir, reference)

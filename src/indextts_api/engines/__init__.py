@@ -12,8 +12,14 @@ from indextts_api.schemas import EngineInfo
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Engine", "EngineUnavailable", "SynthesisError", "SynthesisJob", "SynthesisOutcome",
-    "describe_engine", "load_engine", "resolve_engine_name",
+    "Engine",
+    "EngineUnavailable",
+    "SynthesisError",
+    "SynthesisJob",
+    "SynthesisOutcome",
+    "describe_engine",
+    "load_engine",
+    "resolve_engine_name",
 ]
 
 
@@ -36,8 +42,10 @@ def describe_engine(settings: Settings) -> EngineInfo:
 def load_engine(settings: Settings) -> Engine:
     name = resolve_engine_name(settings)
     if settings.engine == "auto":
-        reason = "checkpoints and package present" if name == "indextts2" else (
-            f"no IndexTTS2 checkpoints in {settings.model_dir} or package not installed"
+        reason = (
+            "checkpoints and package present"
+            if name == "indextts2"
+            else (f"no IndexTTS2 checkpoints in {settings.model_dir} or package not installed")
         )
         logger.info("engine auto-selected: %s (%s)", name, reason)
     if name == "indextts2":

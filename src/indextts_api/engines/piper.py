@@ -31,8 +31,15 @@ CAPABILITY_GAPS = [
 ]
 
 _SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "do_sample", "num_beams", "repetition_penalty",
-    "length_penalty", "max_mel_tokens", "emo_random",
+    "temperature",
+    "top_p",
+    "top_k",
+    "do_sample",
+    "num_beams",
+    "repetition_penalty",
+    "length_penalty",
+    "max_mel_tokens",
+    "emo_random",
 )
 
 

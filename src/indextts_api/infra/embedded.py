@@ -143,15 +143,29 @@ def _start_seaweedfs(infra: EmbeddedInfra, port: int, buckets: list[str]) -> Chi
     internal = {
         name: free_port()
         for name in (
-            "s3.port.grpc", "master.port", "master.port.grpc", "filer.port", "filer.port.grpc",
-            "volume.port", "volume.port.grpc", "admin.port", "admin.port.grpc",
+            "s3.port.grpc",
+            "master.port",
+            "master.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
         )
     }
     argv = [
-        _bundled_executable("weed"), "mini",
-        f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-        "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-        f"-s3.port={port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        _bundled_executable("weed"),
+        "mini",
+        f"-dir={data}",
+        f"-ip={LOOPBACK}",
+        f"-ip.bind={LOOPBACK}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        f"-s3.port={port}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
         *(f"-{name}={value}" for name, value in internal.items()),
         f"-bucket={','.join(buckets)}",
     ]
@@ -185,7 +199,7 @@ def _wait_for_buckets(infra: EmbeddedInfra, buckets: list[str], timeout_s: float
             for bucket in buckets:
                 client.head_bucket(Bucket=bucket)
             return
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:
             last_error = exc
             time.sleep(0.1)
     raise TimeoutError(f"embedded S3 buckets {buckets} not ready: {last_error}")
@@ -194,8 +208,10 @@ def _wait_for_buckets(infra: EmbeddedInfra, buckets: list[str], timeout_s: float
 def _start_tansu(infra: EmbeddedInfra, port: int) -> ChildProcess:
     listener = f"tcp://{LOOPBACK}:{port}"
     argv = [
-        _tansu_executable(), "broker",
-        f"--listener-url={listener}", f"--advertised-listener-url={listener}",
+        _tansu_executable(),
+        "broker",
+        f"--listener-url={listener}",
+        f"--advertised-listener-url={listener}",
         f"--storage-engine=s3://{TANSU_BUCKET}/",
     ]
     env = child_env(

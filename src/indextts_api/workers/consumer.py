@@ -30,6 +30,13 @@ class TransientError(Exception):
 Handler = Callable[[Message], None]
 
 
+def position_of(message: Message, next_one: bool = False) -> TopicPartition:
+    """The message's own offset (to rewind to it) or the one after it (to commit it)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None and partition is not None and offset is not None  # set on consumed messages
+    return TopicPartition(topic, partition, offset + 1 if next_one else offset)
+
+
 class PausingConsumerLoop:
     def __init__(self, consumer: Consumer, topic: str, handler: Handler, stop: threading.Event, role: str) -> None:
         self._consumer = consumer
@@ -57,9 +64,10 @@ class PausingConsumerLoop:
                 message = self._consumer.poll(POLL_INTERVAL_S)
                 if message is None:
                     continue
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        logger.warning("%s consumer error: %s", self._role, message.error())
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        logger.warning("%s consumer error: %s", self._role, error)
                     continue
                 self._process(message)
         finally:
@@ -76,10 +84,10 @@ class PausingConsumerLoop:
                 stray = self._consumer.poll(POLL_INTERVAL_S)  # keeps the membership alive
                 if stray is not None and not stray.error():
                     # Fetched before the pause took effect: hand it back for later.
-                    self._consumer.seek(TopicPartition(stray.topic(), stray.partition(), stray.offset()))
+                    self._consumer.seek(position_of(stray))
             try:
                 future.result()
-            except Exception as exc:  # noqa: BLE001 - every failure here means: retry this message
+            except Exception as exc:
                 self._retry_later(message, exc)
                 return
             self._failures = 0
@@ -89,25 +97,35 @@ class PausingConsumerLoop:
             self._consumer.resume(self._consumer.assignment())
 
     def _commit(self, message: Message) -> None:
-        offset = TopicPartition(message.topic(), message.partition(), message.offset() + 1)
         try:
-            self._consumer.commit(offsets=[offset], asynchronous=False)
+            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=False)
         except KafkaException as exc:
             # Usually a rebalance took the partition away: the new owner gets the message again,
             # and processing is idempotent by task_uuid.
-            logger.warning("%s could not commit %s[%d]@%d: %s", self._role, message.topic(),
-                           message.partition(), message.offset(), exc)
+            logger.warning(
+                "%s could not commit %s[%d]@%d: %s",
+                self._role,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                exc,
+            )
 
     def _retry_later(self, message: Message, exc: Exception) -> None:
         delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
         self._failures += 1
         logger.warning(
             "%s will retry %s[%d]@%d in %.0f s: %s",
-            self._role, message.topic(), message.partition(), message.offset(), delay, exc,
+            self._role,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            delay,
+            exc,
             exc_info=not isinstance(exc, TransientError),
         )
         try:
-            self._consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+            self._consumer.seek(position_of(message))
         except KafkaException as seek_error:
             logger.warning("%s could not rewind: %s", self._role, seek_error)
         # Wait without losing the group membership; a stop request ends the wait.

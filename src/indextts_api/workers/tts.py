@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import Message, Producer
 from pydantic import ValidationError
@@ -52,7 +53,9 @@ class TaskProcessor:
         result = self._run(task)
         try:
             kafka.produce_and_wait(
-                self._producer, self._settings.kafka_result_topic, task.task_uuid,
+                self._producer,
+                self._settings.kafka_result_topic,
+                task.task_uuid,
                 result.model_dump_json(exclude_none=True).encode(),
             )
         except kafka.BrokerUnavailable as exc:
@@ -60,11 +63,10 @@ class TaskProcessor:
 
     def _run(self, task: TaskMessage) -> ResultMessage:
         uuid = task.task_uuid
-        base = {"task_uuid": uuid, "hook_url": task.hook_url, "queued_at": task.timestamp, "engine": self._engine.name}
         if self._already_uploaded(uuid):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
-            return ResultMessage(status="success", timestamp=now(), **base)
+            return self._result(task, status="success")
         started = time.monotonic()
         try:
             speaker = self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
@@ -73,17 +75,17 @@ class TaskProcessor:
                 emotion = self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
         except PromptError as exc:
             logger.info("task %s failed: %s", uuid, exc)
-            return ResultMessage(status="failed", error_message=str(exc), timestamp=now(), **base)
+            return self._result(task, status="failed", error_message=str(exc))
         fetched = time.monotonic()
         scratch = self._spool.scratch_path(uuid)
         try:
             job = SynthesisJob(uuid, task.text, speaker, emotion, task.params)
             try:
                 outcome = self._engine.synthesize(job, scratch)
-            except Exception as exc:  # noqa: BLE001 - an engine failure fails this task only
+            except Exception as exc:
                 logger.exception("task %s synthesis failed", uuid)
                 message = f"synthesis failed: {type(exc).__name__}: {exc}"
-                return ResultMessage(status="failed", error_message=message, timestamp=now(), **base)
+                return self._result(task, status="failed", error_message=message)
             synthesized = time.monotonic()
             try:
                 audio_uri = self._spool.store(uuid, scratch)
@@ -93,13 +95,29 @@ class TaskProcessor:
             scratch.unlink(missing_ok=True)
         logger.info(
             "task %s synthesized %.2f s of audio in %.2f s (prompt %.2f s)%s",
-            uuid, outcome.audio_seconds, synthesized - fetched, fetched - started,
+            uuid,
+            outcome.audio_seconds,
+            synthesized - fetched,
+            fetched - started,
             f"; engine ignored: {'; '.join(outcome.ignored)}" if outcome.ignored else "",
         )
+        return self._result(
+            task,
+            status="success",
+            audio=audio_uri,
+            fetch_s=round(fetched - started, 4),
+            synthesis_s=round(synthesized - fetched, 4),
+            audio_s=round(outcome.audio_seconds, 4),
+        )
+
+    def _result(self, task: TaskMessage, **outcome: Any) -> ResultMessage:
         return ResultMessage(
-            status="success", audio=audio_uri, timestamp=now(),
-            fetch_s=round(fetched - started, 4), synthesis_s=round(synthesized - fetched, 4),
-            audio_s=round(outcome.audio_seconds, 4), **base,
+            task_uuid=task.task_uuid,
+            hook_url=task.hook_url,
+            queued_at=task.timestamp,
+            engine=self._engine.name,
+            timestamp=now(),
+            **outcome,
         )
 
     def _already_uploaded(self, uuid: str) -> bool:

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 from confluent_kafka import Message, Producer
 from pydantic import ValidationError
 
@@ -19,8 +20,6 @@ from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.webhooks import deliver
 from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
-
-import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +42,33 @@ class ResultProcessor:
             return
         payload = self._payload(result)
         delivery = deliver(self._http, self._settings, result.hook_url, payload)
-        if result.audio and payload.status == "success":
-            self._spool.discard(result.audio)
         latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
-            logger.info("task %s %s; webhook delivered (attempt %d)%s",
-                        result.task_uuid, payload.status, delivery.attempts, latency)
+            logger.info(
+                "task %s %s; webhook delivered (attempt %d)%s",
+                result.task_uuid,
+                payload.status,
+                delivery.attempts,
+                latency,
+            )
         else:
-            logger.error("task %s %s; webhook NOT delivered after %d attempts: %s",
-                         result.task_uuid, payload.status, delivery.attempts, delivery.error)
+            logger.error(
+                "task %s %s; webhook NOT delivered after %d attempts: %s",
+                result.task_uuid,
+                payload.status,
+                delivery.attempts,
+                delivery.error,
+            )
 
     def _payload(self, result: ResultMessage) -> WebhookPayload:
         stamp = int(time.time())
         if result.status == "failed":
-            return WebhookPayload(task_uuid=result.task_uuid, status="failed", timestamp=stamp,
-                                  error_message=result.error_message or "synthesis failed")
+            return WebhookPayload(
+                task_uuid=result.task_uuid,
+                status="failed",
+                timestamp=stamp,
+                error_message=result.error_message or "synthesis failed",
+            )
         key = self._store.key_for(result.task_uuid)
         started = time.monotonic()
         try:
@@ -69,13 +80,20 @@ class ResultProcessor:
             # The audio is gone (e.g. a redelivered result after cleanup) unless it already reached S3.
             if not self._exists(key):
                 logger.error("task %s: %s", result.task_uuid, exc)
-                return WebhookPayload(task_uuid=result.task_uuid, status="failed", timestamp=stamp,
-                                      error_message="the synthesized audio was lost before upload; please resubmit")
+                return WebhookPayload(
+                    task_uuid=result.task_uuid,
+                    status="failed",
+                    timestamp=stamp,
+                    error_message="the synthesized audio was lost before upload; please resubmit",
+                )
         except Exception as exc:
             raise TransientError(f"S3 upload failed: {exc}") from exc
+        if result.audio:
+            self._spool.discard(result.audio)  # S3 has it now; a redelivery finds it there
         logger.info("task %s uploaded %s in %.3f s", result.task_uuid, key, time.monotonic() - started)
-        return WebhookPayload(task_uuid=result.task_uuid, status="success", timestamp=stamp,
-                              s3_url=self._store.url_for(key))
+        return WebhookPayload(
+            task_uuid=result.task_uuid, status="success", timestamp=stamp, s3_url=self._store.url_for(key)
+        )
 
     def _exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,186 @@
+"""Session fixtures: real SeaweedFS, Tansu, the service and a webhook receiver, all on loopback.
+
+Every server is started by the suite on ports chosen free at start, with its data in a temporary
+directory, and stopped at the end, so the suite runs beside a dev server without colliding.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+
+from indextts_api.config import Settings
+from indextts_api.devtools import WebhookReceiver
+from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
+from indextts_api.infra.process import ChildProcess, child_env, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+API_USER = "tester"
+API_PASSWORD = "correct-horse-battery-staple"
+SERVICE_START_TIMEOUT_S = 90
+
+
+def speech_like_wav(path: Path, seconds: float = 2.0, sample_rate: int = 16000) -> Path:
+    """A voiced, amplitude-modulated tone: valid audio a prompt check accepts."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    signal = 0.3 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    soundfile.write(path, signal.astype(np.float32), sample_rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def prompt_dir(session_dir: Path) -> Path:
+    """The service's PROMPT_DIR: the repository's example voice plus generated ones."""
+    directory = session_dir / "prompts"
+    directory.mkdir()
+    shutil.copy(ROOT / "prompts" / "example.wav", directory / "example.wav")
+    speech_like_wav(directory / "tone.wav")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def infra(session_dir: Path) -> Iterator[EmbeddedInfra]:
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=session_dir / "infra",
+        embedded_kafka_port=0,
+        embedded_s3_port=0,
+    )
+    servers = start_embedded(settings, need_kafka=True, need_s3=True)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[WebhookReceiver]:
+    hooks = WebhookReceiver().start()
+    yield hooks
+    hooks.stop()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@dataclass
+class FileServer:
+    """Serves a directory over HTTP on loopback: prompt URLs for the workers to download."""
+
+    root: Path
+    port: int
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+@pytest.fixture(scope="session")
+def file_server(session_dir: Path) -> Iterator[FileServer]:
+    root = session_dir / "served"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietFiles, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield FileServer(root, server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@dataclass
+class Service:
+    base_url: str
+    auth: tuple[str, str]
+    process: ChildProcess
+    data_dir: Path
+    env: dict[str, str]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, auth=self.auth, timeout=30)
+
+
+def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"service exited with {process.proc.returncode}:\n{process.log_tail(6000)}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"service not healthy within {timeout_s} s:\n{process.log_tail(6000)}")
+
+
+@pytest.fixture(scope="session")
+def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterator[Service]:
+    """`indextts-api all` against the suite's infrastructure, with the Piper engine."""
+    port = free_port()
+    data_dir = session_dir / "service"
+    env = child_env(
+        {
+            **infra.settings_env(),
+            "API_USERNAME": API_USER,
+            "API_PASSWORD": API_PASSWORD,
+            "DATA_DIR": str(data_dir),
+            "PROMPT_DIR": str(prompt_dir),
+            "ALLOW_PRIVATE_URLS": "true",
+            "ENGINE": "piper",
+            "S3_PRESIGN": "true",
+            "WEBHOOK_BACKOFF_S": "0.2",
+        }
+    )
+    argv = [sys.executable, "-m", "indextts_api", "all", "--host", "127.0.0.1", "--port", str(port)]
+    process = ChildProcess("service", argv, session_dir / "service.log", env=env, cwd=session_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base_url, process, SERVICE_START_TIMEOUT_S)
+    except BaseException:
+        process.stop()
+        raise
+    yield Service(base_url, (API_USER, API_PASSWORD), process, data_dir, env)
+    code = process.stop(grace_s=60)
+    assert code == 0, f"service did not stop cleanly (exit {code}):\n{process.log_tail(4000)}"
+
+
+@pytest.fixture
+def api(service: Service) -> Iterator[httpx.Client]:
+    with service.client() as client:
+        yield client
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "indextts_api", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

@@ -1,0 +1,114 @@
+"""End to end through the running service: API → Kafka → TTS worker → Kafka → upload worker → S3 → webhook."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile
+
+from indextts_api.devtools import WebhookReceiver
+from tests.conftest import FileServer, Service, speech_like_wav
+
+TEXT = "Hello, this is a test of text-to-speech generation. It should last more than a second."
+WEBHOOK_TIMEOUT_S = 90
+
+
+def submit(api: httpx.Client, receiver: WebhookReceiver, prompt: str, text: str = TEXT, **params: object) -> str:
+    body: dict[str, object] = {"spk_audio_prompt": prompt, "text": text, "hook_url": receiver.url("/tts-complete")}
+    if params:
+        body["params"] = params
+    response = api.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["status"] == "queued"
+    assert answer["message"] == "Task has been queued for processing"
+    return str(answer["task_uuid"])
+
+
+def fetch_wav(url: str) -> tuple[np.ndarray, int, httpx.Response]:
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:200]}"
+    audio, sample_rate = soundfile.read(io.BytesIO(response.content), dtype="float32")
+    return audio, sample_rate, response
+
+
+def assert_speech(audio: np.ndarray, sample_rate: int, min_seconds: float) -> None:
+    seconds = len(audio) / sample_rate
+    assert seconds > min_seconds, f"only {seconds:.2f} s of audio"
+    # Speech, not silence: a real RMS level, and energy that varies between syllables and pauses.
+    frame = sample_rate // 50
+    energies = np.array([np.sqrt(np.mean(audio[i : i + frame] ** 2)) for i in range(0, len(audio) - frame, frame)])
+    assert energies.max() > 0.02
+    assert np.percentile(energies, 90) > 4 * np.percentile(energies, 10) + 1e-6
+
+
+def test_task_delivers_webhook_with_playable_wav(api: httpx.Client, receiver: WebhookReceiver) -> None:
+    task_uuid = submit(api, receiver, "example.wav")
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    payload = hook.payload
+    assert hook.path == "/tts-complete"
+    assert hook.headers["Content-Type"] == "application/json"
+    assert set(payload) == {"task_uuid", "status", "s3_url", "timestamp"}
+    assert payload["status"] == "success"
+    assert isinstance(payload["timestamp"], int)
+    assert f"/{task_uuid}.wav" in payload["s3_url"]
+    audio, sample_rate, response = fetch_wav(payload["s3_url"])
+    assert response.headers["content-type"] == "audio/wav"
+    assert sample_rate == 22050
+    assert_speech(audio, sample_rate, min_seconds=1.0)
+
+
+def test_prompt_url_is_downloaded(
+    api: httpx.Client, receiver: WebhookReceiver, file_server: FileServer, prompt_dir: Path
+) -> None:
+    shutil.copy(prompt_dir / "example.wav", file_server.root / "voice.wav")
+    task_uuid = submit(api, receiver, file_server.url("voice.wav"), text="A prompt from a URL works too.")
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    assert hook.payload["status"] == "success", hook.payload
+    audio, sample_rate, _ = fetch_wav(hook.payload["s3_url"])
+    assert_speech(audio, sample_rate, min_seconds=1.0)
+
+
+def test_prompt_url_404_gives_failure_webhook(
+    api: httpx.Client, receiver: WebhookReceiver, file_server: FileServer
+) -> None:
+    task_uuid = submit(api, receiver, file_server.url("no-such-voice.wav"))
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    payload = hook.payload
+    assert set(payload) == {"task_uuid", "status", "error_message", "timestamp"}
+    assert payload["status"] == "failed"
+    assert "404" in payload["error_message"]
+
+
+def test_prompt_that_is_not_audio_gives_failure_webhook(
+    api: httpx.Client, receiver: WebhookReceiver, file_server: FileServer
+) -> None:
+    (file_server.root / "not-audio.wav").write_text("<html>this is a web page, not a voice</html>")
+    task_uuid = submit(api, receiver, file_server.url("not-audio.wav"))
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    assert hook.payload["status"] == "failed"
+    assert "not a readable audio file" in hook.payload["error_message"]
+
+
+def test_flac_prompt_in_prompt_dir(api: httpx.Client, receiver: WebhookReceiver, prompt_dir: Path) -> None:
+    audio, sample_rate = soundfile.read(prompt_dir / "example.wav")
+    soundfile.write(prompt_dir / "voice.flac", audio, sample_rate, format="FLAC")
+    task_uuid = submit(api, receiver, "voice.flac", text="Flac prompts are audio too.")
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    assert hook.payload["status"] == "success", hook.payload
+
+
+def test_spool_and_downloads_are_cleaned_up(
+    api: httpx.Client, receiver: WebhookReceiver, service: Service, file_server: FileServer
+) -> None:
+    speech_like_wav(file_server.root / "cleanup.wav")
+    task_uuid = submit(api, receiver, file_server.url("cleanup.wav"), text="Nothing is left behind.")
+    receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    spool = service.data_dir / "spool"
+    leftovers = [p.name for p in spool.iterdir() if task_uuid in p.name]
+    assert leftovers == []
+    assert list((service.data_dir / "prompt-cache").glob("download-*")) == []
