@@ -1,0 +1,193 @@
+"""Pure logic: URL rules, text segmentation, prompt path confinement, settings, signatures, validation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from standardwebhooks import Webhook
+
+from indextts_api.api.app import describe_validation_error
+from indextts_api.config import Settings
+from indextts_api.engines.piper import ignored_features
+from indextts_api.engines.segments import approx_tokens, split_text
+from indextts_api.prompts import PromptError, resolve_local_prompt
+from indextts_api.schemas import TaskCreate, TaskParams
+from indextts_api.storage import audio_key, public_url
+from indextts_api.webhooks import secret_bytes, signature_headers
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg, arg-type]
+
+
+# --- storage URLs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"s3_bucket_name": "b", "s3_region": "eu-west-1"}, "https://b.s3.eu-west-1.amazonaws.com/k.wav"),
+        (
+            {"s3_bucket_name": "b", "s3_endpoint_url": "https://acc.r2.cloudflarestorage.com/"},
+            "https://acc.r2.cloudflarestorage.com/k.wav",
+        ),
+        ({"s3_bucket_name": "b", "s3_endpoint_url": "http://localhost:9000"}, "http://localhost:9000/b/k.wav"),
+        (
+            {"s3_bucket_name": "b", "s3_endpoint_url": "http://localhost:9000", "s3_public_url": "https://cdn.x/a/"},
+            "https://cdn.x/a/k.wav",
+        ),
+    ],
+    ids=["aws", "r2", "minio", "public-url"],
+)
+def test_public_url_follows_the_spec_rules(values: dict[str, object], expected: str) -> None:
+    assert public_url(settings(**values), "k.wav") == expected
+
+
+def test_audio_key_uses_prefix() -> None:
+    assert audio_key(settings(), "u") == "u.wav"
+    assert audio_key(settings(s3_key_prefix="/tts/out/"), "u") == "tts/out/u.wav"
+
+
+# --- text segmentation -------------------------------------------------------------------------------
+
+
+def test_split_text_keeps_every_word_and_respects_the_limit() -> None:
+    sentence = "The quick brown fox jumps over the lazy dog, again and again, without any rest at all."
+    text = " ".join([sentence] * 40) + " " + " ".join(["word"] * 300)
+    segments = split_text(text, 30)
+    assert " ".join(segments).split() == text.split()
+    assert all(approx_tokens(segment) <= 30 for segment in segments)
+    assert len(segments) > 40
+
+
+def test_split_text_counts_cjk_characters() -> None:
+    text = "你好世界。" * 50
+    segments = split_text(text, 20)
+    assert "".join(segments) == text
+    assert all(approx_tokens(segment) <= 20 for segment in segments)
+
+
+# --- prompt confinement --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def prompt_root(tmp_path: Path) -> Path:
+    root = tmp_path / "prompts"
+    (root / "voices").mkdir(parents=True)
+    (root / "voices" / "a.wav").write_bytes(b"RIFF")
+    (tmp_path / "secret.wav").write_bytes(b"secret")
+    os.symlink(tmp_path / "secret.wav", root / "escape.wav")
+    os.symlink(root / "voices" / "a.wav", root / "alias.wav")
+    return root
+
+
+def test_prompt_inside_the_directory_resolves(prompt_root: Path) -> None:
+    assert resolve_local_prompt(prompt_root, "voices/a.wav") == (prompt_root / "voices" / "a.wav").resolve()
+    assert resolve_local_prompt(prompt_root, "alias.wav") == (prompt_root / "voices" / "a.wav").resolve()
+
+
+@pytest.mark.parametrize(
+    ("reference", "reason"),
+    [
+        ("../secret.wav", "must be relative"),
+        ("voices/../../secret.wav", "must be relative"),
+        ("escape.wav", "outside the prompt directory"),
+        ("voices", "not a file"),
+        ("nope.wav", "does not exist"),
+    ],
+)
+def test_prompt_outside_the_directory_is_refused(prompt_root: Path, reference: str, reason: str) -> None:
+    with pytest.raises(PromptError, match=reason):
+        resolve_local_prompt(prompt_root, reference)
+    with pytest.raises(PromptError):
+        resolve_local_prompt(prompt_root, str(prompt_root.parent / "secret.wav"))
+
+
+# --- request validation ----------------------------------------------------------------------------------
+
+VALID = {"spk_audio_prompt": "a.wav", "text": "hi", "hook_url": "https://example.com/h"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"spk_audio_prompt": "file:///etc/passwd"},
+        {"spk_audio_prompt": "/etc/passwd"},
+        {"spk_audio_prompt": "a/../../b.wav"},
+        {"spk_audio_prompt": "gopher://x/y"},
+        {"hook_url": "https://user:pw@example.com/h"},
+        {"hook_url": "/relative"},
+        {"text": ""},
+        {"params": {"top_k": 101}},
+        {"params": {"emo_weight": -0.1}},
+        {"params": {"vec3": 1.5}},
+        {"params": {"do_sample": "yes"}},
+        {"params": {"num_beams": 2.5}},
+        {"extra": 1},
+    ],
+)
+def test_task_create_rejects(change: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        TaskCreate.model_validate({**VALID, **change})
+
+
+def test_task_params_defaults_match_the_spec() -> None:
+    params = TaskParams()
+    assert (params.emo_weight, params.temperature, params.top_p, params.top_k) == (0.65, 0.8, 0.8, 30)
+    assert (params.max_text_tokens_per_segment, params.do_sample, params.num_beams) == (120, True, 3)
+    assert (params.repetition_penalty, params.max_mel_tokens) == (10.0, 1500)
+    assert params.emotion_vector == [0.0] * 8
+
+
+def test_validation_messages_name_field_and_rule() -> None:
+    assert describe_validation_error({"loc": ("body", "text"), "type": "missing"}) == "text: required field is missing"
+    assert (
+        describe_validation_error({"loc": ("body", "params", "x"), "type": "extra_forbidden"})
+        == "params.x: unknown field"
+    )
+
+
+def test_piper_reports_only_what_it_ignored() -> None:
+    assert ignored_features(TaskParams()) == ["voice cloning"]
+    ignored = ignored_features(TaskParams(emo_control_method=2, temperature=1.2))
+    assert ignored == ["voice cloning", "emotion control (method 2)", "sampling parameters: temperature"]
+
+
+# --- settings ----------------------------------------------------------------------------------------------
+
+
+def test_embedded_mode_is_derived_from_what_is_unset() -> None:
+    embedded = settings()
+    assert embedded.fully_embedded and embedded.private_urls_allowed and embedded.presign_urls
+    external = settings(kafka_bootstrap_servers="k:9092", s3_bucket_name="b", s3_endpoint_url="")
+    assert not external.kafka_embedded and not external.s3_embedded
+    assert not external.private_urls_allowed and not external.presign_urls
+    assert external.s3_endpoint_url is None  # the spec's `S3_ENDPOINT_URL=` means AWS
+
+
+def test_placeholder_password_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="placeholder"):
+        settings(api_password="your_password")
+
+
+def test_to_env_round_trips() -> None:
+    original = settings(api_password="s3cret-value", tts_workers=3, fp16=True, kafka_bootstrap_servers="k:1")
+    copy = Settings(_env_file=None, **{k.lower(): v for k, v in original.to_env().items()})  # type: ignore[call-arg]
+    assert copy == original
+
+
+# --- webhook signatures --------------------------------------------------------------------------------------
+
+
+def test_signature_verifies_with_the_standard_webhooks_library() -> None:
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    body = json.dumps({"task_uuid": "u", "status": "success"}).encode()
+    import time
+
+    headers = signature_headers(secret_bytes(secret), "msg_u_success", int(time.time()), body)
+    assert Webhook(secret).verify(body, headers) == {"task_uuid": "u", "status": "success"}
