@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 API_USER = "tester"
 API_PASSWORD = "correct-horse-battery-staple"
 SERVICE_START_TIMEOUT_S = 90
+PROMPT_MAX_BYTES = 4 * 1024 * 1024
 
 
 def speech_like_wav(path: Path, seconds: float = 2.0, sample_rate: int = 16000) -> Path:
@@ -55,6 +57,10 @@ def prompt_dir(session_dir: Path) -> Path:
     directory.mkdir()
     shutil.copy(ROOT / "prompts" / "example.wav", directory / "example.wav")
     speech_like_wav(directory / "tone.wav")
+    # A symlink that leads out of the prompt directory: must never be readable through the API.
+    outside = directory.parent / "outside-secret.wav"
+    speech_like_wav(outside)
+    (directory / "escape.wav").symlink_to(outside)
     return directory
 
 
@@ -78,7 +84,27 @@ def receiver() -> Iterator[WebhookReceiver]:
     hooks.stop()
 
 
-class _QuietFiles(SimpleHTTPRequestHandler):
+SLOW_RESPONSE_S = 8.0
+
+
+class _PromptFiles(SimpleHTTPRequestHandler):
+    """Static files (with Last-Modified / 304 support), plus misbehaving endpoints:
+    ``/slow/...`` answers after SLOW_RESPONSE_S, ``/loop/...`` redirects to itself forever."""
+
+    hits: Counter[str]
+
+    def do_GET(self) -> None:
+        self.hits[self.path] += 1
+        if self.path.startswith("/slow/"):
+            time.sleep(SLOW_RESPONSE_S)
+        if self.path.startswith("/loop/"):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *_args: Any) -> None:
         pass
 
@@ -89,6 +115,7 @@ class FileServer:
 
     root: Path
     port: int
+    hits: Counter[str]
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -98,10 +125,13 @@ class FileServer:
 def file_server(session_dir: Path) -> Iterator[FileServer]:
     root = session_dir / "served"
     root.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietFiles, directory=str(root)))
+    hits: Counter[str] = Counter()
+    handler = type("Handler", (_PromptFiles,), {"hits": hits})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield FileServer(root, server.server_address[1])
+    yield FileServer(root, server.server_address[1], hits)
     server.shutdown()
     server.server_close()
 
@@ -148,6 +178,11 @@ def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterat
             "ENGINE": "piper",
             "S3_PRESIGN": "true",
             "WEBHOOK_BACKOFF_S": "0.2",
+            # Short enough for the tests of slow prompt servers to finish quickly.
+            "PROMPT_READ_TIMEOUT_S": "2",
+            "PROMPT_DOWNLOAD_TIMEOUT_S": "4",
+            "PROMPT_MAX_BYTES": str(PROMPT_MAX_BYTES),
+            "PROMPT_MAX_SECONDS": "30",
         }
     )
     argv = [sys.executable, "-m", "indextts_api", "all", "--host", "127.0.0.1", "--port", str(port)]

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     prompt_connect_timeout_s: float = Field(default=5.0, gt=0)
     prompt_read_timeout_s: float = Field(default=30.0, gt=0)
     prompt_max_redirects: int = Field(default=3, ge=0)
+    prompt_download_timeout_s: float = Field(default=60.0, gt=0)
+    # A prompt URL fetched this recently is reused without asking again; later, a conditional
+    # request (ETag / Last-Modified) avoids downloading it when it did not change.
+    prompt_url_cache_s: float = Field(default=60.0, ge=0)
 
     # --- Webhooks ---------------------------------------------------------------------------
     webhook_secret: SecretStr | None = None

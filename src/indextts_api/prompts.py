@@ -14,6 +14,11 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -51,30 +56,76 @@ def resolve_local_prompt(prompt_dir: Path, reference: str) -> Path:
     return resolved
 
 
+@dataclass
+class _Fetched:
+    """What a URL gave last time: its normalized file and the validators to ask whether it changed."""
+
+    path: Path
+    fetched_at: float
+    etag: str | None
+    last_modified: str | None
+
+
 class PromptFetcher:
-    """Turns a prompt reference into a checked, content-addressed WAV file on local disk."""
+    """Turns a prompt reference into a checked, content-addressed WAV file on local disk.
+
+    Thread-safe: the TTS worker prefetches the next task's prompt while the engine works.
+    """
 
     def __init__(self, settings: Settings, http_client: httpx.Client) -> None:
         self._settings = settings
         self._http = http_client
         self.cache_dir = (settings.data_dir / "prompt-cache").resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._by_url: OrderedDict[str, _Fetched] = OrderedDict()
+        self._lock = threading.Lock()
 
     def fetch(self, reference: str, what: str = "spk_audio_prompt") -> Path:
         if is_url(reference):
-            with self._download(reference, what) as raw:
-                return self._normalize(raw, what)
+            return self._fetch_url(reference, what)
         return self._normalize(resolve_local_prompt(self._settings.prompt_dir, reference), what)
 
+    def _fetch_url(self, url: str, what: str) -> Path:
+        with self._lock:
+            known = self._by_url.get(url)
+        headers: dict[str, str] = {}
+        if known is not None and known.path.exists():
+            if time.monotonic() - known.fetched_at < self._settings.prompt_url_cache_s:
+                return known.path  # a popular voice is not downloaded for every task
+            if known.etag:
+                headers["If-None-Match"] = known.etag
+            if known.last_modified:
+                headers["If-Modified-Since"] = known.last_modified
+        with self._download(url, what, headers) as (raw, response):
+            if raw is None and known is not None:  # 304 Not Modified
+                known.fetched_at = time.monotonic()
+                return known.path
+            assert raw is not None
+            path = self._normalize(raw, what)
+        entry = _Fetched(path, time.monotonic(), response.headers.get("etag"), response.headers.get("last-modified"))
+        with self._lock:
+            self._by_url[url] = entry
+            self._by_url.move_to_end(url)
+            while len(self._by_url) > CACHE_MAX_FILES:
+                self._by_url.popitem(last=False)
+        return path
+
     @contextlib.contextmanager
-    def _download(self, url: str, what: str):  # type: ignore[no-untyped-def]
+    def _download(
+        self, url: str, what: str, headers: dict[str, str]
+    ) -> Iterator[tuple[Path | None, httpx.Response]]:
+        """The body of ``url`` in a temporary file (None for 304), within the size and time bounds."""
         limit = self._settings.prompt_max_bytes
+        deadline = time.monotonic() + self._settings.prompt_download_timeout_s
         fd, name = tempfile.mkstemp(prefix="download-", suffix=".audio", dir=self.cache_dir)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as sink:
                 try:
-                    with self._http.stream("GET", url) as response:
+                    with self._http.stream("GET", url, headers=headers) as response:
+                        if response.status_code == 304 and headers:
+                            yield None, response
+                            return
                         if response.status_code != 200:
                             raise PromptError(f"{what} download failed: HTTP {response.status_code} from {url}")
                         declared = response.headers.get("content-length")
@@ -85,6 +136,8 @@ class PromptFetcher:
                             received += len(chunk)
                             if received > limit:
                                 raise PromptError(f"{what} is larger than {limit} bytes")
+                            if time.monotonic() > deadline:
+                                raise httpx.ReadTimeout("total download time exceeded")
                             sink.write(chunk)
                 except httpx.TimeoutException:
                     raise PromptError(f"{what} download timed out: {url}") from None
@@ -92,7 +145,7 @@ class PromptFetcher:
                     raise PromptError(f"{what} download followed too many redirects: {url}") from None
                 except httpx.HTTPError as exc:
                     raise PromptError(f"{what} download failed: {type(exc).__name__}: {exc}") from None
-            yield path
+            yield path, response
         finally:
             path.unlink(missing_ok=True)
 

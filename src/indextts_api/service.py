@@ -251,7 +251,7 @@ def run_api() -> int:
     require_api_credentials(settings)
     try:
         kafka.ensure_topics(settings, timeout_s=10)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the API still starts; /generate answers 503 meanwhile
         logger.warning("could not check the topics (%s); continuing", exc)
     return _serve_api(settings, on_ready=lambda: logger.info("API listening on %s:%d", settings.host, settings.port))
 

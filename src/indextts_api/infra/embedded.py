@@ -199,7 +199,7 @@ def _wait_for_buckets(infra: EmbeddedInfra, buckets: list[str], timeout_s: float
             for bucket in buckets:
                 client.head_bucket(Bucket=bucket)
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is retried until the deadline
             last_error = exc
             time.sleep(0.1)
     raise TimeoutError(f"embedded S3 buckets {buckets} not ready: {last_error}")

@@ -4,6 +4,10 @@ One message at a time per process: the partitions are paused while the handler r
 and the loop keeps polling, so a synthesis of many minutes never exceeds max.poll.interval.ms
 and never costs the worker its group membership. The offset is committed only after the handler
 returned, i.e. after the step's effect is durable.
+
+With a ``prefetch`` function the loop takes one message ahead before pausing and runs
+``prefetch`` on it while the current one is handled (the TTS worker fetches the next prompt
+while the engine works); that message is handled next, or handed back if anything goes wrong.
 """
 
 from __future__ import annotations
@@ -38,30 +42,47 @@ def position_of(message: Message, next_one: bool = False) -> TopicPartition:
 
 
 class PausingConsumerLoop:
-    def __init__(self, consumer: Consumer, topic: str, handler: Handler, stop: threading.Event, role: str) -> None:
+    def __init__(
+        self,
+        consumer: Consumer,
+        topic: str,
+        handler: Handler,
+        stop: threading.Event,
+        role: str,
+        prefetch: Handler | None = None,
+    ) -> None:
         self._consumer = consumer
         self._topic = topic
         self._handler = handler
+        self._prefetch = prefetch
         self._stop = stop
         self._role = role
         self._busy = False
+        self._lookahead: Message | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-prefetch")
         self._failures = 0
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s assigned %s", self._role, [p.partition for p in partitions])
-        if self._busy and partitions:
+        if self._busy and partitions and (self._prefetch is None or self._lookahead is not None):
             # Cooperative rebalancing adds partitions while we work: they must wait too.
             consumer.pause(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
+        if self._lookahead is not None and any(
+            p.topic == self._lookahead.topic() and p.partition == self._lookahead.partition() for p in partitions
+        ):
+            self._lookahead = None  # its new owner will handle it
 
     def run(self) -> None:
         self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self._stop.is_set():
-                message = self._consumer.poll(POLL_INTERVAL_S)
+                message, self._lookahead = self._lookahead, None
+                if message is None:
+                    message = self._consumer.poll(POLL_INTERVAL_S)
                 if message is None:
                     continue
                 error = message.error()
@@ -72,22 +93,31 @@ class PausingConsumerLoop:
                 self._process(message)
         finally:
             self._executor.shutdown(wait=True)
+            self._prefetcher.shutdown(wait=True)
             self._consumer.close()  # leaves the group at once: partitions move without waiting a session
             logger.info("%s stopped", self._role)
 
     def _process(self, message: Message) -> None:
         self._busy = True
-        self._consumer.pause(self._consumer.assignment())
+        if self._prefetch is None:
+            self._consumer.pause(self._consumer.assignment())
         try:
             future: Future[None] = self._executor.submit(self._handler, message)
             while not future.done():
-                stray = self._consumer.poll(POLL_INTERVAL_S)  # keeps the membership alive
-                if stray is not None and not stray.error():
+                polled = self._consumer.poll(POLL_INTERVAL_S)  # keeps the membership alive
+                if polled is None or polled.error():
+                    continue
+                if self._prefetch is not None and self._lookahead is None:
+                    self._lookahead = polled
+                    self._consumer.pause(self._consumer.assignment())
+                    self._prefetcher.submit(self._prefetch_quietly, polled)
+                else:
                     # Fetched before the pause took effect: hand it back for later.
-                    self._consumer.seek(position_of(stray))
+                    self._consumer.seek(position_of(polled))
             try:
                 future.result()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message
+                self._hand_back_lookahead()
                 self._retry_later(message, exc)
                 return
             self._failures = 0
@@ -95,6 +125,21 @@ class PausingConsumerLoop:
         finally:
             self._busy = False
             self._resume()
+
+    def _prefetch_quietly(self, message: Message) -> None:
+        assert self._prefetch is not None
+        try:
+            self._prefetch(message)
+        except Exception:  # the real handling reports whatever went wrong
+            logger.debug("%s prefetch failed", self._role, exc_info=True)
+
+    def _hand_back_lookahead(self) -> None:
+        lookahead, self._lookahead = self._lookahead, None
+        if lookahead is not None:
+            try:
+                self._consumer.seek(position_of(lookahead))
+            except KafkaException as exc:
+                logger.warning("%s could not hand back a prefetched message: %s", self._role, exc)
 
     def _resume(self) -> None:
         assignment = self._consumer.assignment()

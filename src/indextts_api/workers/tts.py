@@ -61,6 +61,13 @@ class TaskProcessor:
         except kafka.BrokerUnavailable as exc:
             raise TransientError(str(exc)) from exc
 
+    def prefetch(self, message: Message) -> None:
+        """Fetch the prompts of the task that comes next while the engine works on this one."""
+        task = TaskMessage.model_validate_json(message.value() or b"")
+        self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
+        if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
+            self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
+
     def _run(self, task: TaskMessage) -> ResultMessage:
         uuid = task.task_uuid
         if self._already_uploaded(uuid):
@@ -149,7 +156,9 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
     )
     consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
     try:
-        PausingConsumerLoop(consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker").run()
+        PausingConsumerLoop(
+            consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker", prefetch=processor.prefetch
+        ).run()
     finally:
         producer.flush(10)
         producer.close()
