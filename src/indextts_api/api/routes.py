@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, status
 from indextts_api.api.deps import ProducerDep, SettingsDep, UserDep
 from indextts_api.engines import describe_engine
 from indextts_api.kafka import BrokerUnavailable
+from indextts_api.netguard import known_internal_reason
 from indextts_api.prompts import PromptError, resolve_local_prompt
 from indextts_api.schemas import ErrorPublic, HealthPublic, TaskCreate, TaskMessage, TaskQueued, is_url
 
@@ -32,6 +33,21 @@ def health(settings: SettingsDep) -> HealthPublic:
     return HealthPublic(status="healthy", timestamp=int(time.time()), model_version=engine.model_version, engine=engine)
 
 
+def _check_urls_are_public(settings: SettingsDep, task: TaskCreate) -> None:
+    """Refuse at once URLs already known to lead inside (the workers check again when connecting)."""
+    if settings.private_urls_allowed:
+        return
+    for field, url in (
+        ("hook_url", task.hook_url),
+        ("spk_audio_prompt", task.spk_audio_prompt),
+        ("params.emo_audio_prompt", task.params.emo_audio_prompt),
+    ):
+        if url and is_url(url):
+            reason = known_internal_reason(url)
+            if reason:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {reason}; only public URLs are allowed")
+
+
 def _check_local_prompts(settings: SettingsDep, task: TaskCreate) -> None:
     """Refuse at once a prompt path that is not in this host's prompt directory (when it has one)."""
     if not settings.prompt_dir.is_dir():
@@ -50,6 +66,7 @@ def _check_local_prompts(settings: SettingsDep, task: TaskCreate) -> None:
 @router.post("/generate", response_model=TaskQueued, responses=_ERRORS)
 async def generate(task: TaskCreate, settings: SettingsDep, producer: ProducerDep, _user: UserDep) -> TaskQueued:
     """Queue a synthesis task; answers only once the broker has stored it."""
+    _check_urls_are_public(settings, task)
     _check_local_prompts(settings, task)
     task_uuid = str(uuid.uuid4())
     message = TaskMessage(

@@ -143,6 +143,7 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         connect_timeout_s=settings.prompt_connect_timeout_s,
         read_timeout_s=settings.prompt_read_timeout_s,
         max_redirects=settings.prompt_max_redirects,
+        allow_private=settings.private_urls_allowed,
     )
     producer = kafka.make_producer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "tts")

@@ -106,7 +106,9 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     """Run one upload worker until ``stop`` is set."""
     s3 = make_s3_client(settings)
     store = AudioStore(settings, s3)
-    http = make_http_client(connect_timeout_s=5.0, read_timeout_s=settings.webhook_timeout_s)
+    http = make_http_client(
+        connect_timeout_s=5.0, read_timeout_s=settings.webhook_timeout_s, allow_private=settings.private_urls_allowed
+    )
     producer = kafka.make_producer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "upload")
     processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer)
