@@ -6,6 +6,7 @@ directory, and stopped at the end, so the suite runs beside a dev server without
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
 from indextts_api.infra.process import ChildProcess, child_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-for-webhook-signing!").decode()
 API_USER = "tester"
 API_PASSWORD = "correct-horse-battery-staple"
 SERVICE_START_TIMEOUT_S = 90
@@ -177,7 +179,9 @@ def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterat
             "ALLOW_PRIVATE_URLS": "true",
             "ENGINE": "piper",
             "S3_PRESIGN": "true",
-            "WEBHOOK_BACKOFF_S": "0.2",
+            "WEBHOOK_RETRY_DELAYS_S": "0.5,1,1,1,1,1",
+            "WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "WEBHOOK_TIMEOUT_S": "3",
             # Short enough for the tests of slow prompt servers to finish quickly.
             "PROMPT_READ_TIMEOUT_S": "2",
             "PROMPT_DOWNLOAD_TIMEOUT_S": "4",
@@ -219,3 +223,30 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 60) -
         timeout=timeout_s,
         check=False,
     )
+
+
+def worker_pids(parent_pid: int, role: str) -> list[int]:
+    """PIDs of the ``role`` processes (tts-worker, upload-worker) that ``parent_pid`` started."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent_pid and role.encode() in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for_worker(parent_pid: int, role: str, not_pid: int | None = None, timeout_s: float = 30) -> int:
+    """The PID of a (new) ``role`` worker once it runs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = [pid for pid in worker_pids(parent_pid, role) if pid != not_pid]
+        if pids:
+            return pids[0]
+        time.sleep(0.1)
+    raise TimeoutError(f"no {role} under {parent_pid} within {timeout_s} s")

@@ -7,10 +7,10 @@ environment first, then from ``.env`` in the working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EngineName = Literal["auto", "indextts2", "piper"]
 
@@ -85,8 +85,14 @@ class Settings(BaseSettings):
     # --- Webhooks ---------------------------------------------------------------------------
     webhook_secret: SecretStr | None = None
     webhook_timeout_s: float = Field(default=10.0, gt=0)
-    webhook_attempts: int = Field(default=3, ge=1)
-    webhook_backoff_s: float = Field(default=1.0, ge=0)
+    # After a failed delivery, retry after these delays (±20% jitter), each scheduled through a
+    # Kafka topic of its own so a restart forgets nothing: 7 attempts over about two hours.
+    webhook_retry_delays_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0]
+    )
+    kafka_webhook_retry_topic: str = "tts_webhook_retries"
+    upload_concurrency: int = Field(default=4, ge=1)  # results handled at once by one upload worker
+    webhook_retry_concurrency: int = Field(default=8, ge=1)
 
     # --- Security and logging ---------------------------------------------------------------
     allow_private_urls: bool | None = None  # None: true in embedded mode, false otherwise
@@ -110,6 +116,20 @@ class Settings(BaseSettings):
         # The spec's example sets `S3_ENDPOINT_URL=` for AWS: an empty value means "not set".
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("webhook_retry_delays_s", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_delays_s")
+    @classmethod
+    def _delays_positive(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("webhook retry delays must be positive")
         return value
 
     @field_validator(
@@ -164,6 +184,11 @@ class Settings(BaseSettings):
         return self.s3_bucket_name or self.embedded_bucket_name
 
     @property
+    def webhook_retry_topics(self) -> list[str]:
+        """One retry topic per delay: ``{KAFKA_WEBHOOK_RETRY_TOPIC}_1`` ... ``_N``."""
+        return [f"{self.kafka_webhook_retry_topic}_{n}" for n in range(1, len(self.webhook_retry_delays_s) + 1)]
+
+    @property
     def spool_location(self) -> str:
         return self.spool_uri or str((self.data_dir / "spool").resolve())
 
@@ -178,6 +203,8 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             elif isinstance(value, bool):
                 value = "true" if value else "false"
+            elif isinstance(value, list):
+                value = ",".join(str(item) for item in value)
             env[name.upper()] = str(value)
         return env
 

@@ -20,6 +20,7 @@ class ReceivedWebhook:
     headers: dict[str, str]
     body: bytes
     received_at: float
+    answered: int = 200  # the status code the receiver answered with
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -29,13 +30,20 @@ class ReceivedWebhook:
 
 @dataclass
 class WebhookReceiver:
-    """An HTTP server on loopback that records POSTs; ``status_codes`` scripts its answers in turn."""
+    """An HTTP server on loopback that records POSTs. ``script(path, codes, delay_s)`` makes it answer
+    the next requests to ``path`` with those status codes, after a delay (a slow receiver)."""
 
     host: str = "127.0.0.1"
     port: int = 0
-    status_codes: list[int] = field(default_factory=list)
     echo: bool = False
     received: list[ReceivedWebhook] = field(default_factory=list)
+    status_codes: dict[str, list[int]] = field(default_factory=dict)
+    delays_s: dict[str, float] = field(default_factory=dict)
+
+    def script(self, path: str, codes: list[int] | None = None, delay_s: float = 0.0) -> None:
+        with self._lock:
+            self.status_codes[path] = list(codes or [])
+            self.delays_s[path] = delay_s
 
     def __post_init__(self) -> None:
         self._lock = threading.Condition()
@@ -44,9 +52,14 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
-                hook = ReceivedWebhook(self.path, dict(self.headers.items()), self.rfile.read(length), time.time())
+                body = self.rfile.read(length)
                 with receiver._lock:
-                    code = receiver.status_codes.pop(0) if receiver.status_codes else 200
+                    scripted = receiver.status_codes.get(self.path)
+                    code = scripted.pop(0) if scripted else 200
+                    delay = receiver.delays_s.get(self.path, 0.0)
+                time.sleep(delay)
+                hook = ReceivedWebhook(self.path, dict(self.headers.items()), body, time.time(), code)
+                with receiver._lock:
                     receiver.received.append(hook)
                     receiver._lock.notify_all()
                 if receiver.echo:
@@ -74,14 +87,18 @@ class WebhookReceiver:
     def url(self, path: str = "/hook") -> str:
         return f"http://{self.host}:{self.port}{path}"
 
-    def wait_for(self, task_uuid: str, timeout_s: float = 60.0, count: int = 1) -> list[ReceivedWebhook]:
-        """The webhooks received for ``task_uuid`` once there are ``count`` of them (TimeoutError otherwise)."""
+    def wait_for(
+        self, task_uuid: str, timeout_s: float = 60.0, count: int = 1, delivered: bool = True
+    ) -> list[ReceivedWebhook]:
+        """The requests received for ``task_uuid`` once ``count`` of them were answered 2xx (or, with
+        ``delivered=False``, once there are ``count`` of them at all); TimeoutError otherwise."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
                 hooks = [h for h in self.received if h.payload.get("task_uuid") == task_uuid]
-                if len(hooks) >= count:
-                    return hooks
+                counted = [h for h in hooks if 200 <= h.answered < 300] if delivered else hooks
+                if len(counted) >= count:
+                    return counted if delivered else hooks
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no webhook for task {task_uuid} within {timeout_s:.0f} s")

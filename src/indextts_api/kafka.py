@@ -100,9 +100,14 @@ def make_admin(settings: Settings) -> AdminClient:
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Create the task, result and dead-letter topics if they do not exist."""
+    """Create the task, result, dead-letter and webhook retry topics if they do not exist."""
     admin = make_admin(settings)
-    wanted = [settings.kafka_task_topic, settings.kafka_result_topic, settings.kafka_dead_letter_topic]
+    wanted = [
+        settings.kafka_task_topic,
+        settings.kafka_result_topic,
+        settings.kafka_dead_letter_topic,
+        *settings.webhook_retry_topics,
+    ]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
     missing = [name for name in wanted if name not in existing]
     if not missing:

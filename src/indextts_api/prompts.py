@@ -111,9 +111,7 @@ class PromptFetcher:
         return path
 
     @contextlib.contextmanager
-    def _download(
-        self, url: str, what: str, headers: dict[str, str]
-    ) -> Iterator[tuple[Path | None, httpx.Response]]:
+    def _download(self, url: str, what: str, headers: dict[str, str]) -> Iterator[tuple[Path | None, httpx.Response]]:
         """The body of ``url`` in a temporary file (None for 304), within the size and time bounds."""
         limit = self._settings.prompt_max_bytes
         deadline = time.monotonic() + self._settings.prompt_download_timeout_s

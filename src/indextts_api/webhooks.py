@@ -1,4 +1,11 @@
-"""Webhook delivery to the client's ``hook_url``: the spec's payload, signed when a secret is set."""
+"""Webhook delivery to the client's ``hook_url``: the spec's payload, signed when a secret is set,
+retried durably through Kafka when the receiver does not answer 2xx.
+
+Retry schedule: after a failed attempt n (1-based), the webhook is produced to the retry topic
+``{KAFKA_WEBHOOK_RETRY_TOPIC}_{n}`` with a due time ``now + WEBHOOK_RETRY_DELAYS_S[n-1]`` (±20%
+jitter). Each retry topic holds one delay, so its messages are in due order and a consumer waits
+for the head one only. After the last delay the webhook goes to the dead-letter topic.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,39 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 
 import httpx
+from confluent_kafka import Message, Producer
+from pydantic import BaseModel, ValidationError
 
+from indextts_api import kafka
 from indextts_api.config import Settings
 from indextts_api.schemas import WebhookPayload
 
 logger = logging.getLogger(__name__)
 
+JITTER = 0.2
+
 
 @dataclass
 class Delivery:
     delivered: bool
-    attempts: int
     status_code: int | None = None
     error: str | None = None
+
+
+class WebhookMessage(BaseModel):
+    """A webhook waiting for its next attempt (retry topics; key = task_uuid)."""
+
+    v: int = 1
+    hook_url: str
+    payload: WebhookPayload
+    attempts: int  # attempts made so far
+    due_at: float
+    last_error: str | None = None
 
 
 def signature_headers(secret: bytes, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
@@ -40,37 +63,74 @@ def secret_bytes(secret: str) -> bytes:
     return secret.encode()
 
 
-def deliver(client: httpx.Client, settings: Settings, url: str, payload: WebhookPayload) -> Delivery:
-    """POST the payload, retrying non-2xx answers and network errors a few times with backoff."""
+def attempt_delivery(client: httpx.Client, settings: Settings, url: str, payload: WebhookPayload) -> Delivery:
+    """One POST of the payload; 2xx is delivered, anything else (or no answer) is not."""
     body = json.dumps(payload.to_json(), separators=(",", ":")).encode()
-    # One id per event, stable across attempts, so a receiver can drop duplicates.
-    message_id = f"msg_{payload.task_uuid}_{payload.status}"
-    delivery = Delivery(delivered=False, attempts=0)
-    for attempt in range(1, settings.webhook_attempts + 1):
-        delivery.attempts = attempt
-        headers = {"Content-Type": "application/json"}
-        if settings.webhook_secret is not None:
-            headers.update(
-                signature_headers(
-                    secret_bytes(settings.webhook_secret.get_secret_value()), message_id, int(time.time()), body
-                )
-            )
+    headers = {"Content-Type": "application/json"}
+    if settings.webhook_secret is not None:
+        # One id per event, the same on every attempt, so a receiver can drop duplicates.
+        message_id = f"msg_{payload.task_uuid}_{payload.status}"
+        secret = secret_bytes(settings.webhook_secret.get_secret_value())
+        headers.update(signature_headers(secret, message_id, int(time.time()), body))
+    try:
+        response = client.post(url, content=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return Delivery(delivered=False, error=f"{type(exc).__name__}: {exc}")
+    if 200 <= response.status_code < 300:
+        return Delivery(delivered=True, status_code=response.status_code)
+    return Delivery(delivered=False, status_code=response.status_code, error=f"HTTP {response.status_code}")
+
+
+def schedule_retry(
+    producer: Producer, settings: Settings, url: str, payload: WebhookPayload, attempts: int, error: str | None
+) -> bool:
+    """Durably schedule the next attempt after ``attempts`` failed ones; False when none is left."""
+    delays = settings.webhook_retry_delays_s
+    if attempts > len(delays):
+        return False
+    delay = delays[attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
+    pending = WebhookMessage(
+        hook_url=url, payload=payload, attempts=attempts, due_at=time.time() + delay, last_error=error
+    )
+    kafka.produce_and_wait(
+        producer, settings.webhook_retry_topics[attempts - 1], payload.task_uuid, pending.model_dump_json().encode()
+    )
+    logger.warning(
+        "task %s webhook attempt %d failed (%s); next attempt in %.1f s", payload.task_uuid, attempts, error, delay
+    )
+    return True
+
+
+def due_at(message: Message) -> float | None:
+    """When a retry message is due (None if it cannot be read: the handler dead-letters it)."""
+    try:
+        return float(json.loads(message.value() or b"{}")["due_at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class WebhookRetrier:
+    """Handles due messages of the retry topics: one more attempt, then the next tier or dead letters."""
+
+    def __init__(self, settings: Settings, client: httpx.Client, producer: Producer) -> None:
+        self._settings = settings
+        self._client = client
+        self._producer = producer
+
+    def handle(self, message: Message) -> None:
         try:
-            response = client.post(url, content=body, headers=headers)
-            delivery.status_code = response.status_code
-            if 200 <= response.status_code < 300:
-                delivery.delivered = True
-                return delivery
-            delivery.error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            delivery.error = f"{type(exc).__name__}: {exc}"
-        logger.warning(
-            "task %s webhook attempt %d/%d failed: %s",
-            payload.task_uuid,
-            attempt,
-            settings.webhook_attempts,
-            delivery.error,
-        )
-        if attempt < settings.webhook_attempts:
-            time.sleep(settings.webhook_backoff_s * 2 ** (attempt - 1))
-    return delivery
+            pending = WebhookMessage.model_validate_json(message.value() or b"")
+        except ValidationError as exc:
+            kafka.dead_letter(self._producer, self._settings, message, f"invalid webhook retry message: {exc}")
+            return
+        attempt = pending.attempts + 1
+        delivery = attempt_delivery(self._client, self._settings, pending.hook_url, pending.payload)
+        uuid = pending.payload.task_uuid
+        if delivery.delivered:
+            logger.info("task %s webhook delivered on attempt %d", uuid, attempt)
+            return
+        if not schedule_retry(
+            self._producer, self._settings, pending.hook_url, pending.payload, attempt, delivery.error
+        ):
+            reason = f"webhook not delivered after {attempt} attempts; last error: {delivery.error}"
+            kafka.dead_letter(self._producer, self._settings, message, reason)

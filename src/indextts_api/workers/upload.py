@@ -1,4 +1,8 @@
-"""Upload worker: result topic → audio into S3 → webhook to the client → spool cleanup, then commit."""
+"""Upload worker: result topic → audio into S3 → spool cleanup → webhook (or its durable retry), then commit.
+
+It handles UPLOAD_CONCURRENCY results at once, so a slow S3 request or webhook receiver holds one
+slot only, and in a second consumer it runs the due webhook retries.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ from indextts_api.httpclient import make_http_client
 from indextts_api.schemas import ResultMessage, WebhookPayload
 from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
-from indextts_api.webhooks import deliver
-from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
+from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry
+from indextts_api.workers.concurrent import ConcurrentConsumerLoop
+from indextts_api.workers.consumer import TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +46,18 @@ class ResultProcessor:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid result message: {exc}")
             return
         payload = self._payload(result)
-        delivery = deliver(self._http, self._settings, result.hook_url, payload)
+        delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
         latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
-            logger.info(
-                "task %s %s; webhook delivered (attempt %d)%s",
-                result.task_uuid,
-                payload.status,
-                delivery.attempts,
-                latency,
-            )
-        else:
-            logger.error(
-                "task %s %s; webhook NOT delivered after %d attempts: %s",
-                result.task_uuid,
-                payload.status,
-                delivery.attempts,
-                delivery.error,
-            )
+            logger.info("task %s %s; webhook delivered%s", result.task_uuid, payload.status, latency)
+            return
+        # The offset is committed only once the retry is stored: a restart forgets nothing.
+        try:
+            scheduled = schedule_retry(self._producer, self._settings, result.hook_url, payload, 1, delivery.error)
+        except kafka.BrokerUnavailable as exc:
+            raise TransientError(f"could not schedule the webhook retry: {exc}") from exc
+        if not scheduled:
+            kafka.dead_letter(self._producer, self._settings, message, f"webhook not delivered: {delivery.error}")
 
     def _payload(self, result: ResultMessage) -> WebhookPayload:
         stamp = int(time.time())
@@ -103,7 +102,7 @@ class ResultProcessor:
 
 
 def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
-    """Run one upload worker until ``stop`` is set."""
+    """Run one upload worker (results and webhook retries) until ``stop`` is set."""
     s3 = make_s3_client(settings)
     store = AudioStore(settings, s3)
     http = make_http_client(
@@ -112,11 +111,31 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     producer = kafka.make_producer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "upload")
     processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer)
-    consumer = kafka.make_consumer(settings, settings.kafka_upload_consumer_group)
+    results = ConcurrentConsumerLoop(
+        kafka.make_consumer(settings, settings.kafka_upload_consumer_group),
+        [settings.kafka_result_topic],
+        processor.handle,
+        stop,
+        "upload-worker",
+        settings.upload_concurrency,
+    )
+    retries = ConcurrentConsumerLoop(
+        kafka.make_consumer(settings, f"{settings.kafka_upload_consumer_group}_webhook_retries"),
+        settings.webhook_retry_topics,
+        WebhookRetrier(settings, http, producer).handle,
+        stop,
+        "webhook-retries",
+        settings.webhook_retry_concurrency,
+        due_at=due_at,
+    )
+    retry_thread = threading.Thread(target=retries.run, name="webhook-retries")
     logger.info("upload worker ready: bucket %s", store.bucket)
+    retry_thread.start()
     try:
-        PausingConsumerLoop(consumer, settings.kafka_result_topic, processor.handle, stop, "upload-worker").run()
+        results.run()
     finally:
+        stop.set()
+        retry_thread.join()
         producer.flush(10)
         producer.close()
         http.close()

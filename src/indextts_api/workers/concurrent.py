@@ -1,0 +1,218 @@
+"""A consumer loop that handles several messages at once and still commits only what is done.
+
+Used where the work is I/O (uploads, webhooks): a slow S3 request or a slow webhook receiver
+occupies one slot, not the worker. Offsets are committed per partition up to the first message
+that is not finished, so a crash never skips an unfinished message (at-least-once). A handler
+retries its own transient failures with backoff until it succeeds or the worker stops.
+
+A ``due_at`` function makes it a scheduler: a message that is not due yet is handed back and its
+partition paused until it is (the webhook retry topics hold messages in due order).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from indextts_api.kafka import Consumer
+from indextts_api.workers.consumer import POLL_INTERVAL_S, RETRY_BACKOFF_S, TransientError, position_of
+
+logger = logging.getLogger(__name__)
+
+PartitionKey = tuple[str, int]
+Handler = Callable[[Message], None]
+
+
+class _PartitionProgress:
+    """Offsets of one partition in flight and finished, to find what may be committed."""
+
+    def __init__(self) -> None:
+        self.in_flight: list[int] = []  # in consumption order, hence ascending
+        self.done: set[int] = set()
+
+    def committable(self) -> int | None:
+        """The offset to commit (next to read), if the oldest messages are finished."""
+        last_done: int | None = None
+        while self.in_flight and self.in_flight[0] in self.done:
+            last_done = self.in_flight.pop(0)
+            self.done.discard(last_done)
+        return None if last_done is None else last_done + 1
+
+
+class ConcurrentConsumerLoop:
+    def __init__(
+        self,
+        consumer: Consumer,
+        topics: list[str],
+        handler: Handler,
+        stop: threading.Event,
+        role: str,
+        concurrency: int,
+        due_at: Callable[[Message], float | None] | None = None,
+    ) -> None:
+        self._consumer = consumer
+        self._topics = topics
+        self._handler = handler
+        self._stop = stop
+        self._role = role
+        self._concurrency = max(1, concurrency)
+        self._due_at = due_at
+        self._pool = ThreadPoolExecutor(max_workers=self._concurrency, thread_name_prefix=f"{role}-handler")
+        self._lock = threading.Lock()
+        self._progress: dict[PartitionKey, _PartitionProgress] = {}
+        self._running = 0
+        self._saturated = False
+        # Partitions paused until their next message is due: (due time, offset of that message).
+        self._waiting: dict[PartitionKey, tuple[float, int]] = {}
+
+    # --- rebalancing ---------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("%s assigned %d partitions", self._role, len(partitions))
+        if self._saturated and partitions:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        logger.info("%s revoked %d partitions", self._role, len(partitions))
+        self._commit_finished()
+        with self._lock:
+            for tp in partitions:
+                # Unfinished messages there will be redelivered to the new owner.
+                self._progress.pop((tp.topic, tp.partition), None)
+                self._waiting.pop((tp.topic, tp.partition), None)
+
+    # --- main loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._consumer.subscribe(self._topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self._stop.is_set():
+                self._resume_due_partitions()
+                message = self._consumer.poll(POLL_INTERVAL_S)
+                self._commit_finished()
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        logger.warning("%s consumer error: %s", self._role, error)
+                    continue
+                if self._defer_if_not_due(message):
+                    continue
+                self._start(message)
+        finally:
+            # Let running handlers finish (they stop retrying once the stop event is set), then
+            # commit what finished and leave the group.
+            self._pool.shutdown(wait=True)
+            self._commit_finished()
+            self._consumer.close()
+            logger.info("%s stopped", self._role)
+
+    def _start(self, message: Message) -> None:
+        key = (str(message.topic()), int(message.partition() or 0))
+        with self._lock:
+            self._progress.setdefault(key, _PartitionProgress()).in_flight.append(int(message.offset() or 0))
+            self._running += 1
+            if self._running >= self._concurrency and not self._saturated:
+                self._saturated = True
+                self._consumer.pause(self._consumer.assignment())
+        future = self._pool.submit(self._handle_until_done, message)
+
+        def on_done(done: Future[None]) -> None:
+            self._finished(message, done)
+
+        future.add_done_callback(on_done)
+
+    def _handle_until_done(self, message: Message) -> None:
+        failures = 0
+        while True:
+            try:
+                self._handler(message)
+                return
+            except Exception as exc:  # any failure: retry this message later
+                if self._stop.is_set():
+                    raise
+                delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+                failures += 1
+                logger.warning(
+                    "%s will retry %s[%s]@%s in %.0f s: %s",
+                    self._role,
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    delay,
+                    exc,
+                    exc_info=not isinstance(exc, TransientError),
+                )
+                if self._stop.wait(delay):
+                    raise
+
+    def _finished(self, message: Message, future: Future[None]) -> None:
+        key = (str(message.topic()), int(message.partition() or 0))
+        with self._lock:
+            self._running -= 1
+            if future.exception() is None and key in self._progress:
+                self._progress[key].done.add(int(message.offset() or 0))
+
+    def _commit_finished(self) -> None:
+        with self._lock:
+            offsets = []
+            for (topic, partition), progress in self._progress.items():
+                next_offset = progress.committable()
+                if next_offset is not None:
+                    offsets.append(TopicPartition(topic, partition, next_offset))
+            unsaturate = self._saturated and self._running < self._concurrency
+            if unsaturate:
+                self._saturated = False
+        if offsets:
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                logger.warning("%s could not commit: %s (the messages will be redelivered)", self._role, exc)
+        if unsaturate:
+            self._resume([tp for tp in self._consumer.assignment() if (tp.topic, tp.partition) not in self._waiting])
+
+    # --- scheduling ------------------------------------------------------------------------------------
+
+    def _defer_if_not_due(self, message: Message) -> bool:
+        if self._due_at is None:
+            return False
+        due = self._due_at(message)
+        if due is None or due <= time.time():
+            return False
+        position = position_of(message)
+        self._consumer.pause([position])
+        self._consumer.seek(position)
+        with self._lock:
+            self._waiting[(position.topic, position.partition)] = (due, position.offset)
+        return True
+
+    def _resume_due_partitions(self) -> None:
+        if not self._waiting or self._saturated:
+            return  # while saturated, due partitions stay listed and are resumed afterwards
+        now = time.time()
+        with self._lock:
+            due = [TopicPartition(t, p, offset) for (t, p), (when, offset) in self._waiting.items() if when <= now]
+            for tp in due:
+                del self._waiting[(tp.topic, tp.partition)]
+        if due:
+            self._consumer.resume(due)
+            for tp in due:  # back to the deferred message itself, not past it
+                self._consumer.seek(tp)
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return
+        self._consumer.resume(partitions)
+        # Restart fetching at once (see PausingConsumerLoop._resume).
+        try:
+            for position in self._consumer.position(partitions):
+                if position.offset >= 0:
+                    self._consumer.seek(position)
+        except KafkaException as exc:
+            logger.debug("%s could not restart fetching: %s", self._role, exc)
