@@ -164,11 +164,12 @@ def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float) -> N
     raise TimeoutError(f"service not healthy within {timeout_s} s:\n{process.log_tail(6000)}")
 
 
-@pytest.fixture(scope="session")
-def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterator[Service]:
-    """`indextts-api all` against the suite's infrastructure, with the Piper engine."""
+def launch_service(
+    workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args: str, **extra_env: str
+) -> Service:
+    """`indextts-api all` against ``infra``, with the Piper engine and test-friendly timings."""
     port = free_port()
-    data_dir = session_dir / "service"
+    data_dir = workdir / "service"
     env = child_env(
         {
             **infra.settings_env(),
@@ -187,19 +188,30 @@ def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterat
             "PROMPT_DOWNLOAD_TIMEOUT_S": "4",
             "PROMPT_MAX_BYTES": str(PROMPT_MAX_BYTES),
             "PROMPT_MAX_SECONDS": "30",
+            **extra_env,
         }
     )
-    argv = [sys.executable, "-m", "indextts_api", "all", "--host", "127.0.0.1", "--port", str(port)]
-    process = ChildProcess("service", argv, session_dir / "service.log", env=env, cwd=session_dir)
+    argv = [sys.executable, "-m", "indextts_api", "all", "--host", "127.0.0.1", "--port", str(port), *args]
+    process = ChildProcess("service", argv, workdir / "service.log", env=env, cwd=workdir)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(base_url, process, SERVICE_START_TIMEOUT_S)
     except BaseException:
         process.stop()
         raise
-    yield Service(base_url, (API_USER, API_PASSWORD), process, data_dir, env)
-    code = process.stop(grace_s=60)
-    assert code == 0, f"service did not stop cleanly (exit {code}):\n{process.log_tail(4000)}"
+    return Service(base_url, (API_USER, API_PASSWORD), process, data_dir, env)
+
+
+def stop_service(service: Service) -> None:
+    code = service.process.stop(grace_s=60)
+    assert code == 0, f"service did not stop cleanly (exit {code}):\n{service.process.log_tail(4000)}"
+
+
+@pytest.fixture(scope="session")
+def service(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterator[Service]:
+    running = launch_service(session_dir, infra, prompt_dir)
+    yield running
+    stop_service(running)
 
 
 @pytest.fixture

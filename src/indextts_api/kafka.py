@@ -134,19 +134,58 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
                 raise
 
 
-def produce_and_wait(producer: Producer, topic: str, key: str, value: bytes, timeout_s: float = 30.0) -> None:
-    """Produce one message and block until the broker acknowledged it (or raise BrokerUnavailable)."""
-    outcome: list[KafkaError | None] = []
+def is_fatal(error: KafkaError) -> bool:
+    """An error after which this producer instance can never deliver again (e.g. fenced)."""
+    return bool(error.fatal()) or error.code() == KafkaError.PRODUCER_FENCED
 
-    def on_delivery(error: KafkaError | None, _message: Message) -> None:
-        outcome.append(error)
 
-    producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
-    producer.flush(timeout_s)
-    if not outcome:
-        raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s")
-    if outcome[0] is not None:
-        raise BrokerUnavailable(f"broker refused message for {topic}: {outcome[0]}")
+class SyncProducer:
+    """An idempotent producer for worker threads: ``send`` returns once the broker acknowledged.
+
+    After a fatal error (an idempotent producer fenced by a restarted broker, say) librdkafka's
+    producer is unusable for good, so a new one replaces it and the caller retries.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._producer = make_producer(settings)
+
+    def send(self, topic: str, key: str, value: bytes, timeout_s: float = 30.0) -> None:
+        """Produce one message and block until it is stored, or raise BrokerUnavailable."""
+        producer = self._producer
+        outcome: list[KafkaError | None] = []
+
+        def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            outcome.append(error)
+
+        try:
+            producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+        except (BufferError, KafkaException) as exc:
+            raise BrokerUnavailable(f"cannot produce to {topic}: {exc}") from exc
+        producer.flush(timeout_s)
+        if not outcome:
+            raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s")
+        error = outcome[0]
+        if error is not None:
+            if is_fatal(error):
+                self._replace(producer, error)
+            raise BrokerUnavailable(f"broker refused message for {topic}: {error}")
+
+    def _replace(self, broken: Producer, error: KafkaError) -> None:
+        with self._lock:
+            if self._producer is not broken:
+                return  # another thread already did
+            logger.warning("producer failed for good (%s); starting a new one", error)
+            self._producer = make_producer(self._settings)
+        broken.purge()
+        broken.close()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        remaining = self._producer.flush(timeout_s)
+        if remaining:
+            logger.error("%d messages were not acknowledged before shutdown", remaining)
+        self._producer.close()
 
 
 class AsyncProducer:
@@ -163,20 +202,35 @@ class AsyncProducer:
     MESSAGE_TIMEOUT_MS = 8000
 
     def __init__(self, settings: Settings) -> None:
-        self._producer = make_producer(settings, linger_ms=2, message_timeout_ms=self.MESSAGE_TIMEOUT_MS)
+        self._settings = settings
+        self._producer = self._new_producer()
+        self._broken = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve_delivery_reports, name="kafka-delivery", daemon=True)
         self._thread.start()
 
+    def _new_producer(self) -> Producer:
+        return make_producer(self._settings, linger_ms=2, message_timeout_ms=self.MESSAGE_TIMEOUT_MS)
+
     def _serve_delivery_reports(self) -> None:
         while not self._stopping.is_set():
             self._producer.poll(0.05)
+            if self._broken.is_set():
+                # Only this thread swaps producers; the failed requests already answered 503.
+                broken, self._producer = self._producer, self._new_producer()
+                self._broken.clear()
+                logger.warning("producer failed for good; started a new one")
+                broken.purge()
+                broken.poll(0)
+                broken.close()
 
     async def send(self, topic: str, key: str, value: bytes, timeout_s: float = 12.0) -> None:
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
+            if error is not None and is_fatal(error):
+                self._broken.set()
             loop.call_soon_threadsafe(_settle, delivered, error)
 
         try:
@@ -206,7 +260,7 @@ def _settle(future: asyncio.Future[None], error: KafkaError | None) -> None:
         future.set_exception(BrokerUnavailable(f"broker refused the message: {error}"))
 
 
-def dead_letter(producer: Producer, settings: Settings, message: Message, reason: str) -> None:
+def dead_letter(producer: SyncProducer, settings: Settings, message: Message, reason: str) -> None:
     """Park a message that cannot be processed, with its origin and the reason, then move on."""
     key = (message.key() or b"unknown").decode("utf-8", "replace")
     envelope = {
@@ -217,5 +271,5 @@ def dead_letter(producer: Producer, settings: Settings, message: Message, reason
         "key": key,
         "value": (message.value() or b"").decode("utf-8", "replace"),
     }
-    produce_and_wait(producer, settings.kafka_dead_letter_topic, key, json.dumps(envelope).encode())
+    producer.send(settings.kafka_dead_letter_topic, key, json.dumps(envelope).encode())
     logger.error("dead-lettered %s[%d]@%d: %s", message.topic(), message.partition(), message.offset(), reason)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 from pydantic import BaseModel, ValidationError
 
 from indextts_api import kafka
@@ -82,7 +82,12 @@ def attempt_delivery(client: httpx.Client, settings: Settings, url: str, payload
 
 
 def schedule_retry(
-    producer: Producer, settings: Settings, url: str, payload: WebhookPayload, attempts: int, error: str | None
+    producer: kafka.SyncProducer,
+    settings: Settings,
+    url: str,
+    payload: WebhookPayload,
+    attempts: int,
+    error: str | None,
 ) -> bool:
     """Durably schedule the next attempt after ``attempts`` failed ones; False when none is left."""
     delays = settings.webhook_retry_delays_s
@@ -92,9 +97,7 @@ def schedule_retry(
     pending = WebhookMessage(
         hook_url=url, payload=payload, attempts=attempts, due_at=time.time() + delay, last_error=error
     )
-    kafka.produce_and_wait(
-        producer, settings.webhook_retry_topics[attempts - 1], payload.task_uuid, pending.model_dump_json().encode()
-    )
+    producer.send(settings.webhook_retry_topics[attempts - 1], payload.task_uuid, pending.model_dump_json().encode())
     logger.warning(
         "task %s webhook attempt %d failed (%s); next attempt in %.1f s", payload.task_uuid, attempts, error, delay
     )
@@ -112,7 +115,7 @@ def due_at(message: Message) -> float | None:
 class WebhookRetrier:
     """Handles due messages of the retry topics: one more attempt, then the next tier or dead letters."""
 
-    def __init__(self, settings: Settings, client: httpx.Client, producer: Producer) -> None:
+    def __init__(self, settings: Settings, client: httpx.Client, producer: kafka.SyncProducer) -> None:
         self._settings = settings
         self._client = client
         self._producer = producer

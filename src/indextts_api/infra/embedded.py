@@ -97,6 +97,7 @@ class EmbeddedInfra:
     s3_port: int | None = None
     kafka_port: int | None = None
     bucket: str = "tts-audio"
+    buckets: list[str] = field(default_factory=list)
     children: list[ChildProcess] = field(default_factory=list)
 
     @property
@@ -125,6 +126,21 @@ class EmbeddedInfra:
     def check_alive(self) -> list[str]:
         """Names of embedded servers that died."""
         return [child.name for child in self.children if not child.alive()]
+
+    def stop_server(self, name: str) -> None:
+        """Stop one server ("tansu" or "seaweedfs"), e.g. to see the service ride out its outage."""
+        for child in [c for c in self.children if c.name == name]:
+            child.stop(grace_s=10.0)
+            self.children.remove(child)
+
+    def start_server(self, name: str) -> None:
+        """Start a stopped server again, on the same port and data."""
+        if name == "seaweedfs":
+            _launch_s3(self)
+        elif name == "tansu":
+            _launch_kafka(self)
+        else:
+            raise ValueError(name)
 
     def stop(self) -> None:
         # Broker first: it writes its log segments and offsets to the S3 server.
@@ -226,6 +242,27 @@ def _start_tansu(infra: EmbeddedInfra, port: int) -> ChildProcess:
     return ChildProcess("tansu", argv, infra.data_dir / "logs" / "tansu.log", env=env, cwd=infra.data_dir)
 
 
+def _launch_s3(infra: EmbeddedInfra) -> None:
+    assert infra.s3_port is not None
+    weed = _start_seaweedfs(infra, infra.s3_port, infra.buckets)
+    infra.children.insert(0, weed)  # first: stopped last
+    try:
+        wait_for_port(LOOPBACK, infra.s3_port, START_TIMEOUT_S, weed.proc)
+        _wait_for_buckets(infra, infra.buckets, START_TIMEOUT_S)
+    except Exception as exc:
+        raise RuntimeError(f"embedded S3 server failed to start: {exc}\n{weed.log_tail()}") from exc
+
+
+def _launch_kafka(infra: EmbeddedInfra) -> None:
+    assert infra.kafka_port is not None
+    tansu = _start_tansu(infra, infra.kafka_port)
+    infra.children.append(tansu)
+    try:
+        wait_for_port(LOOPBACK, infra.kafka_port, START_TIMEOUT_S, tansu.proc)
+    except Exception as exc:
+        raise RuntimeError(f"embedded Kafka broker failed to start: {exc}\n{tansu.log_tail()}") from exc
+
+
 def start_embedded(settings: Settings, *, need_kafka: bool, need_s3: bool) -> EmbeddedInfra:
     """Start SeaweedFS (needed by both) and, if asked, Tansu. Raises with the server's log on failure."""
     data_dir = settings.data_dir.resolve()
@@ -236,25 +273,14 @@ def start_embedded(settings: Settings, *, need_kafka: bool, need_s3: bool) -> Em
     )
     if not (need_kafka or need_s3):
         return infra
-    buckets = [b for b in (infra.bucket, TANSU_BUCKET if need_kafka else "") if b]
+    infra.buckets = [b for b in (infra.bucket, TANSU_BUCKET if need_kafka else "") if b]
     started = time.monotonic()
     try:
         infra.s3_port = _choose_port(settings.embedded_s3_port, "s3")
-        weed = _start_seaweedfs(infra, infra.s3_port, buckets)
-        infra.children.append(weed)
-        try:
-            wait_for_port(LOOPBACK, infra.s3_port, START_TIMEOUT_S, weed.proc)
-            _wait_for_buckets(infra, buckets, START_TIMEOUT_S)
-        except Exception as exc:
-            raise RuntimeError(f"embedded S3 server failed to start: {exc}\n{weed.log_tail()}") from exc
+        _launch_s3(infra)
         if need_kafka:
             infra.kafka_port = _choose_port(settings.embedded_kafka_port, "kafka")
-            tansu = _start_tansu(infra, infra.kafka_port)
-            infra.children.append(tansu)
-            try:
-                wait_for_port(LOOPBACK, infra.kafka_port, START_TIMEOUT_S, tansu.proc)
-            except Exception as exc:
-                raise RuntimeError(f"embedded Kafka broker failed to start: {exc}\n{tansu.log_tail()}") from exc
+            _launch_kafka(infra)
     except BaseException:
         infra.stop()
         raise

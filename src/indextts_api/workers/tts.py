@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 from pydantic import ValidationError
 
 from indextts_api import kafka
@@ -35,7 +35,7 @@ class TaskProcessor:
         fetcher: PromptFetcher,
         spool: Spool,
         store: AudioStore,
-        producer: Producer,
+        producer: kafka.SyncProducer,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -52,8 +52,7 @@ class TaskProcessor:
             return
         result = self._run(task)
         try:
-            kafka.produce_and_wait(
-                self._producer,
+            self._producer.send(
                 self._settings.kafka_result_topic,
                 task.task_uuid,
                 result.model_dump_json(exclude_none=True).encode(),
@@ -145,7 +144,7 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         max_redirects=settings.prompt_max_redirects,
         allow_private=settings.private_urls_allowed,
     )
-    producer = kafka.make_producer(settings)
+    producer = kafka.SyncProducer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
     processor = TaskProcessor(
         settings,
@@ -161,7 +160,6 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
             consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker", prefetch=processor.prefetch
         ).run()
     finally:
-        producer.flush(10)
         producer.close()
         http.close()
         engine.close()

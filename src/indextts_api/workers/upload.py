@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 from pydantic import ValidationError
 
 from indextts_api import kafka
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 class ResultProcessor:
     def __init__(
-        self, settings: Settings, store: AudioStore, spool: Spool, http: httpx.Client, producer: Producer
+        self, settings: Settings, store: AudioStore, spool: Spool, http: httpx.Client, producer: kafka.SyncProducer
     ) -> None:
         self._settings = settings
         self._store = store
@@ -108,7 +108,7 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     http = make_http_client(
         connect_timeout_s=5.0, read_timeout_s=settings.webhook_timeout_s, allow_private=settings.private_urls_allowed
     )
-    producer = kafka.make_producer(settings)
+    producer = kafka.SyncProducer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "upload")
     processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer)
     results = ConcurrentConsumerLoop(
@@ -136,7 +136,6 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     finally:
         stop.set()
         retry_thread.join()
-        producer.flush(10)
         producer.close()
         http.close()
         shutil.rmtree(work_dir, ignore_errors=True)
