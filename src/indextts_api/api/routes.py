@@ -22,6 +22,7 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorPublic, "description": "Invalid request"},
     401: {"model": ErrorPublic, "description": "Missing or wrong credentials"},
+    413: {"model": ErrorPublic, "description": "Request body too large"},
     503: {"model": ErrorPublic, "description": "The task queue is unavailable; nothing was queued"},
 }
 
