@@ -150,13 +150,15 @@ class Service:
         return httpx.Client(base_url=self.base_url, auth=self.auth, timeout=30)
 
 
-def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float) -> None:
+def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float, healthy: bool = True) -> None:
+    """Until /health answers 200 (or, with ``healthy=False``, answers at all: an API without workers)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not process.alive():
             raise RuntimeError(f"service exited with {process.proc.returncode}:\n{process.log_tail(6000)}")
         try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            code = httpx.get(f"{base_url}/health", timeout=5).status_code
+            if code == 200 or (not healthy and code == 503):
                 return
         except httpx.HTTPError:
             pass

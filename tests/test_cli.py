@@ -49,7 +49,7 @@ def test_api_server_runs_on_the_embedded_default_and_keeps_queued_tasks(tmp_path
         # First run: no TTS worker, so the task can only wait in the broker.
         port = free_port()
         first = start_api_server(tmp_path, port, "--tts-workers", "0")
-        wait_for_health(f"http://127.0.0.1:{port}", first, 90)
+        wait_for_health(f"http://127.0.0.1:{port}", first, 90, healthy=False)
         credentials = json.loads((tmp_path / "data" / "embedded-credentials.json").read_text())
         auth = (credentials["api_username"], credentials["api_password"])
         assert f"Login    {auth[0]} / {auth[1]}" in first.log_tail(20000)  # shown on the first start

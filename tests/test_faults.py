@@ -209,3 +209,33 @@ def test_soak_with_random_faults_loses_nothing(
     duplicates = sum(count - 1 for count in counts.values())
     print(f"soak: {total} accepted, {len(counts)} delivered, {duplicates} duplicate deliveries; faults: {faults}")
     assert len(counts) == total
+
+
+def wait_for_health_status(url: str, code: int, timeout_s: float) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    last: httpx.Response | None = None
+    while time.monotonic() < deadline:
+        last = httpx.get(url, timeout=15)
+        if last.status_code == code:
+            body: dict[str, object] = last.json()
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"/health did not answer {code} within {timeout_s} s: {last.text if last else None}")
+
+
+@pytest.mark.parametrize(("server", "check"), [("seaweedfs", "s3"), ("tansu", "kafka")])
+def test_health_names_the_dependency_that_is_down(
+    fault_service: Service, fault_infra: EmbeddedInfra, server: str, check: str
+) -> None:
+    url = f"{fault_service.base_url}/health"
+    wait_for_health_status(url, 200, 60)
+    fault_infra.stop_server(server)
+    try:
+        body = wait_for_health_status(url, 503, 20)
+        checks = body["checks"]
+        assert isinstance(checks, dict)
+        assert body["status"] == "unhealthy" and checks[check]["status"] == "down", checks
+        assert checks[check]["duration_ms"] < 6000  # a down dependency is reported quickly
+    finally:
+        fault_infra.start_server(server)
+    wait_for_health_status(url, 200, 60)

@@ -158,7 +158,7 @@ def public_only_api(session_dir: Path, infra: EmbeddedInfra) -> Iterator[str]:
     process = ChildProcess("public-api", argv, session_dir / "public-api.log", env=env, cwd=session_dir)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(base_url, process, 60)
+        wait_for_health(base_url, process, 60, healthy=False)
         yield base_url
     finally:
         assert process.stop() == 0

@@ -6,6 +6,7 @@ environment first, then from ``.env`` in the working directory.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -94,6 +95,16 @@ class Settings(BaseSettings):
     upload_concurrency: int = Field(default=4, ge=1)  # results handled at once by one upload worker
     webhook_retry_concurrency: int = Field(default=8, ge=1)
 
+    # --- Observability ----------------------------------------------------------------------
+    # Signs task ids (see ids.py); empty: derived from API_PASSWORD. All API hosts must agree.
+    task_id_secret: SecretStr | None = None
+    health_cache_s: float = Field(default=2.0, ge=0)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    lag_interval_s: float = Field(default=15.0, gt=0)
+    # A worker role run on its own serves Prometheus metrics on this port (empty: none). In `all`,
+    # the API's /metrics covers every process of the tree.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
     # --- Security and logging ---------------------------------------------------------------
     allow_private_urls: bool | None = None  # None: true in embedded mode, false otherwise
     log_level: str = "INFO"
@@ -172,6 +183,14 @@ class Settings(BaseSettings):
         if self.allow_private_urls is not None:
             return self.allow_private_urls
         return self.fully_embedded
+
+    @property
+    def task_id_key(self) -> bytes:
+        """The key that signs task ids: TASK_ID_SECRET, else derived from the API credentials."""
+        if self.task_id_secret is not None:
+            return self.task_id_secret.get_secret_value().encode()
+        password = self.api_password.get_secret_value() if self.api_password else ""
+        return hashlib.sha256(f"indextts-api task ids\0{self.api_username}\0{password}".encode()).digest()
 
     @property
     def presign_urls(self) -> bool:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
+
+# The task a thread is working on; every log line it writes carries it (JSON: "task_uuid").
+_current_task: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_uuid", default=None)
+
+
+@contextlib.contextmanager
+def bind_task(task_uuid: str) -> Iterator[None]:
+    token = _current_task.set(task_uuid)
+    try:
+        yield
+    finally:
+        _current_task.reset(token)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -16,6 +31,9 @@ class _JsonFormatter(logging.Formatter):
             "pid": record.process,
             "message": record.getMessage(),
         }
+        task_uuid = _current_task.get()
+        if task_uuid is not None:
+            entry["task_uuid"] = task_uuid
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -161,11 +161,18 @@ class EngineInfo(BaseModel):
     ignores: list[str] = Field(default_factory=list, description="request features this engine cannot honour")
 
 
+class CheckPublic(BaseModel):
+    status: Literal["up", "down"]
+    duration_ms: float
+    detail: str | None = None
+
+
 class HealthPublic(BaseModel):
     status: Literal["healthy", "unhealthy"]
     timestamp: int
     model_version: str
     engine: EngineInfo
+    checks: dict[str, CheckPublic] = Field(default_factory=dict, description="kafka, s3 and engine")
 
 
 class TaskMessage(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -84,6 +85,11 @@ def run_worker(role: str) -> int:
     settings = get_settings()
     require_external_infra(settings, role)
     stop = stop_event_on_signals()
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
+        logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     try:
         if role == "tts-worker":
             from indextts_api.workers.tts import run_tts_worker
@@ -127,6 +133,9 @@ class WorkerPool:
                 code = child.proc.poll()
                 if code is None or self.stopping.is_set():
                     continue
+                from indextts_api.metrics import process_exited
+
+                process_exited(child.pid)
                 if code == EXIT_CONFIG:
                     logger.error("%s cannot run with this configuration; stopping the service", slot)
                     self.fatal.set()
@@ -220,6 +229,13 @@ def run_all(overrides: dict[str, Any]) -> int:
     settings = get_settings()
     if not settings.fully_embedded:
         require_api_credentials(settings)
+    # Every process of the tree writes its metrics here; the API's /metrics adds them up.
+    # (prometheus-client reads this variable when it is first imported, hence before any import.)
+    metrics_dir = settings.data_dir.resolve() / "metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):  # counters of a previous run
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     credentials_file = settings.data_dir / "embedded-credentials.json"
     fresh_credentials = settings.fully_embedded and not credentials_file.exists() and not settings.api_password
     if settings.fully_embedded:
@@ -230,7 +246,7 @@ def run_all(overrides: dict[str, Any]) -> int:
         settings = _with_infrastructure(settings, overrides, infra)
         prepare_infrastructure(settings)
         pool = WorkerPool(
-            env=child_env(settings.to_env()),
+            env=child_env({**settings.to_env(), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}),
             counts={"tts-worker": settings.tts_workers, "upload-worker": settings.upload_workers},
         )
         pool.start()

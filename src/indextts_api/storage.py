@@ -17,14 +17,16 @@ logger = logging.getLogger(__name__)
 AUDIO_CONTENT_TYPE = "audio/wav"
 
 
-def make_s3_client(settings: Settings) -> Any:
+def make_s3_client(
+    settings: Settings, *, connect_timeout_s: float = 5, read_timeout_s: float = 60, attempts: int = 5
+) -> Any:
     """A boto3 S3 client with timeouts and bounded retries (one per process, shared by threads)."""
     custom_endpoint = settings.s3_endpoint_url is not None
     config = Config(
         signature_version="s3v4",
-        connect_timeout=5,
-        read_timeout=60,
-        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        retries={"max_attempts": attempts, "mode": "standard"},
         # MinIO, SeaweedFS and most S3-compatible servers want path-style addressing.
         s3={"addressing_style": "path" if custom_endpoint else "auto"},
         max_pool_connections=32,
@@ -61,7 +63,7 @@ class AudioStore:
 
     def __init__(self, settings: Settings, client: Any) -> None:
         self._settings = settings
-        self._client = client
+        self.client = client
         self.bucket = settings.bucket
 
     def key_for(self, task_uuid: str) -> str:
@@ -69,18 +71,18 @@ class AudioStore:
 
     def ensure_bucket(self) -> None:
         try:
-            self._client.head_bucket(Bucket=self.bucket)
+            self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
                 raise
             logger.info("creating bucket %s", self.bucket)
-            self._client.create_bucket(Bucket=self.bucket)
+            self.client.create_bucket(Bucket=self.bucket)
 
     def upload_file(self, path: Path, key: str) -> None:
-        self._client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": AUDIO_CONTENT_TYPE})
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": AUDIO_CONTENT_TYPE})
 
     def copy_from(self, source_bucket: str, source_key: str, key: str) -> None:
-        self._client.copy_object(
+        self.client.copy_object(
             Bucket=self.bucket,
             Key=key,
             CopySource={"Bucket": source_bucket, "Key": source_key},
@@ -90,7 +92,7 @@ class AudioStore:
 
     def exists(self, key: str) -> bool:
         try:
-            self._client.head_object(Bucket=self.bucket, Key=key)
+            self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
@@ -101,7 +103,7 @@ class AudioStore:
         """The URL sent in the webhook: presigned for private buckets, else the spec's public URL."""
         if self._settings.presign_urls:
             return str(
-                self._client.generate_presigned_url(
+                self.client.generate_presigned_url(
                     "get_object",
                     Params={"Bucket": self.bucket, "Key": key},
                     ExpiresIn=self._settings.s3_presign_expires_s,

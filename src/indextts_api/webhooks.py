@@ -24,7 +24,10 @@ from pydantic import BaseModel, ValidationError
 
 from indextts_api import kafka
 from indextts_api.config import Settings
+from indextts_api.logs import bind_task
+from indextts_api.metrics import WEBHOOK_DELIVERIES
 from indextts_api.schemas import WebhookPayload
+from indextts_api.tasks import TaskStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,17 @@ class WebhookMessage(BaseModel):
     attempts: int  # attempts made so far
     due_at: float
     last_error: str | None = None
+
+
+def webhook_document(attempts: int, delivery: Delivery) -> dict[str, object]:
+    """The webhook's delivery record as GET /tasks shows it."""
+    return {
+        "attempts": attempts,
+        "delivered": delivery.delivered,
+        "last_status_code": delivery.status_code,
+        "last_error": delivery.error,
+        "last_attempt_at": time.time(),
+    }
 
 
 def signature_headers(secret: bytes, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
@@ -115,10 +129,13 @@ def due_at(message: Message) -> float | None:
 class WebhookRetrier:
     """Handles due messages of the retry topics: one more attempt, then the next tier or dead letters."""
 
-    def __init__(self, settings: Settings, client: httpx.Client, producer: kafka.SyncProducer) -> None:
+    def __init__(
+        self, settings: Settings, client: httpx.Client, producer: kafka.SyncProducer, states: TaskStateStore
+    ) -> None:
         self._settings = settings
         self._client = client
         self._producer = producer
+        self._states = states
 
     def handle(self, message: Message) -> None:
         try:
@@ -127,13 +144,22 @@ class WebhookRetrier:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid webhook retry message: {exc}")
             return
         attempt = pending.attempts + 1
-        delivery = attempt_delivery(self._client, self._settings, pending.hook_url, pending.payload)
         uuid = pending.payload.task_uuid
+        with bind_task(uuid):
+            self._retry(message, pending, attempt)
+
+    def _retry(self, message: Message, pending: WebhookMessage, attempt: int) -> None:
+        uuid = pending.payload.task_uuid
+        delivery = attempt_delivery(self._client, self._settings, pending.hook_url, pending.payload)
+        self._states.write_async(uuid, "webhook", webhook_document(attempt, delivery))
         if delivery.delivered:
+            WEBHOOK_DELIVERIES.labels("delivered", str(attempt)).inc()
             logger.info("task %s webhook delivered on attempt %d", uuid, attempt)
             return
+        WEBHOOK_DELIVERIES.labels("failed", str(attempt)).inc()
         if not schedule_retry(
             self._producer, self._settings, pending.hook_url, pending.payload, attempt, delivery.error
         ):
             reason = f"webhook not delivered after {attempt} attempts; last error: {delivery.error}"
+            WEBHOOK_DELIVERIES.labels("dead_lettered", str(attempt)).inc()
             kafka.dead_letter(self._producer, self._settings, message, reason)

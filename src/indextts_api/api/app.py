@@ -15,9 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indextts_api import __version__
+from indextts_api.api.health import HealthChecker
 from indextts_api.api.routes import router
 from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
+from indextts_api.metrics import LagMonitor
+from indextts_api.storage import AudioStore, make_s3_client
+from indextts_api.tasks import TaskStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +126,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.producer = AsyncProducer(settings)
+        app.state.health = HealthChecker(settings)
+        app.state.task_states = TaskStateStore(settings, AudioStore(settings, make_s3_client(settings)))
+        lag = LagMonitor(settings).start()
         try:
             yield
         finally:
+            lag.stop()
+            app.state.task_states.close()
             app.state.producer.close()
 
     app = FastAPI(

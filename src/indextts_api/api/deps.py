@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from indextts_api.api.health import HealthChecker
 from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
+from indextts_api.tasks import TaskStateStore
 
 _basic = HTTPBasic(auto_error=False, realm="indextts-api")
 
@@ -24,8 +26,20 @@ def get_producer(request: Request) -> AsyncProducer:
     return producer
 
 
+def get_health_checker(request: Request) -> HealthChecker:
+    checker: HealthChecker = request.app.state.health
+    return checker
+
+
+def get_task_states(request: Request) -> TaskStateStore:
+    states: TaskStateStore = request.app.state.task_states
+    return states
+
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ProducerDep = Annotated[AsyncProducer, Depends(get_producer)]
+HealthDep = Annotated[HealthChecker, Depends(get_health_checker)]
+TaskStatesDep = Annotated[TaskStateStore, Depends(get_task_states)]
 
 
 def require_user(settings: SettingsDep, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]) -> str:

@@ -1,4 +1,4 @@
-"""The spec's endpoints: GET /health and POST /generate."""
+"""The endpoints: the spec's GET /health and POST /generate; GET /tasks/{task_uuid}; GET /metrics."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import logging
 import time
 import uuid
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Response, status
+from fastapi.responses import JSONResponse
 
-from indextts_api.api.deps import ProducerDep, SettingsDep, UserDep
+from indextts_api.api.deps import HealthDep, ProducerDep, SettingsDep, TaskStatesDep, UserDep
 from indextts_api.engines import describe_engine
+from indextts_api.ids import new_task_uuid
 from indextts_api.kafka import BrokerUnavailable
+from indextts_api.metrics import REQUESTS_REFUSED, TASKS_ACCEPTED
+from indextts_api.metrics import render as render_metrics
 from indextts_api.netguard import known_internal_reason
 from indextts_api.prompts import PromptError, resolve_local_prompt
 from indextts_api.schemas import ErrorPublic, HealthPublic, TaskCreate, TaskMessage, TaskQueued, is_url
+from indextts_api.tasks import TaskPublic
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +32,42 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/health", response_model=HealthPublic)
-def health(settings: SettingsDep) -> HealthPublic:
-    """Service health, the model version and the engine in use."""
+@router.get("/health", response_model=HealthPublic, responses={503: {"model": HealthPublic}})
+def health(settings: SettingsDep, checker: HealthDep) -> JSONResponse:
+    """Service health with the spec's fields, the engine in use, and checks of Kafka, S3 and the engine
+    (200 when all are up, 503 naming the one that is down)."""
     engine = describe_engine(settings)
-    return HealthPublic(status="healthy", timestamp=int(time.time()), model_version=engine.model_version, engine=engine)
+    checks = checker.checks()
+    healthy = all(check.status == "up" for check in checks.values())
+    body = HealthPublic(
+        status="healthy" if healthy else "unhealthy",
+        timestamp=int(time.time()),
+        model_version=engine.model_version,
+        engine=engine,
+        checks=checks,
+    )
+    return JSONResponse(status_code=200 if healthy else 503, content=body.model_dump(mode="json"))
+
+
+@router.get("/tasks/{task_uuid}", response_model=TaskPublic, responses={401: _ERRORS[401], 404: {"model": ErrorPublic}})
+def get_task(task_uuid: str, settings: SettingsDep, states: TaskStatesDep, _user: UserDep) -> TaskPublic:
+    """A task's status (queued, processing, uploading, success, failed), its times, outcome, engine
+    timings and webhook delivery record: a client that lost its webhook recovers the result here."""
+    try:
+        task_uuid = str(uuid.UUID(task_uuid))
+    except ValueError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such task") from None
+    task = states.read(task_uuid, settings.task_id_key)
+    if task is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such task")
+    return task
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics() -> Response:
+    """Prometheus metrics (of the whole process tree when run as `all`)."""
+    body, content_type = render_metrics()
+    return Response(content=body, media_type=content_type)
 
 
 def _check_urls_are_public(settings: SettingsDep, task: TaskCreate) -> None:
@@ -69,7 +105,7 @@ async def generate(task: TaskCreate, settings: SettingsDep, producer: ProducerDe
     """Queue a synthesis task; answers only once the broker has stored it."""
     _check_urls_are_public(settings, task)
     _check_local_prompts(settings, task)
-    task_uuid = str(uuid.uuid4())
+    task_uuid = new_task_uuid(settings.task_id_key)
     message = TaskMessage(
         task_uuid=task_uuid,
         spk_audio_prompt=task.spk_audio_prompt,
@@ -82,6 +118,8 @@ async def generate(task: TaskCreate, settings: SettingsDep, producer: ProducerDe
         await producer.send(settings.kafka_task_topic, task_uuid, message.model_dump_json().encode())
     except BrokerUnavailable as exc:
         logger.error("task %s not queued: %s", task_uuid, exc)
+        REQUESTS_REFUSED.labels("503").inc()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "task queue unavailable; retry later") from None
+    TASKS_ACCEPTED.inc()
     logger.info("task %s queued (%d characters)", task_uuid, len(task.text))
     return TaskQueued(task_uuid=task_uuid)

@@ -16,11 +16,15 @@ from indextts_api import kafka
 from indextts_api.config import Settings
 from indextts_api.engines import Engine, SynthesisJob, load_engine
 from indextts_api.httpclient import make_http_client
+from indextts_api.logs import bind_task
+from indextts_api.metrics import AUDIO_SECONDS, PROMPT_FETCH_SECONDS, SYNTHESIS_SECONDS, TASKS_IN_FLIGHT
 from indextts_api.prompts import PromptError, PromptFetcher
 from indextts_api.schemas import ResultMessage, TaskMessage, now
 from indextts_api.spool import Spool, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
+from indextts_api.tasks import TaskStateStore
 from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
+from indextts_api.workers.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class TaskProcessor:
         spool: Spool,
         store: AudioStore,
         producer: kafka.SyncProducer,
+        states: TaskStateStore,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -43,6 +48,7 @@ class TaskProcessor:
         self._spool = spool
         self._store = store
         self._producer = producer
+        self._states = states
 
     def handle(self, message: Message) -> None:
         try:
@@ -50,7 +56,11 @@ class TaskProcessor:
         except ValidationError as exc:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
             return
-        result = self._run(task)
+        with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
+            self._states.write_async(
+                task.task_uuid, "processing", {"started_at": time.time(), "engine": self._engine.name}
+            )
+            result = self._run(task)
         try:
             self._producer.send(
                 self._settings.kafka_result_topic,
@@ -99,6 +109,9 @@ class TaskProcessor:
                 raise TransientError(f"could not spool audio: {exc}") from exc
         finally:
             scratch.unlink(missing_ok=True)
+        SYNTHESIS_SECONDS.labels(self._engine.name).observe(synthesized - fetched)
+        AUDIO_SECONDS.labels(self._engine.name).observe(outcome.audio_seconds)
+        PROMPT_FETCH_SECONDS.observe(fetched - started)
         logger.info(
             "task %s synthesized %.2f s of audio in %.2f s (prompt %.2f s)%s",
             uuid,
@@ -145,14 +158,20 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         allow_private=settings.private_urls_allowed,
     )
     producer = kafka.SyncProducer(settings)
+    store = AudioStore(settings, s3)
+    states = TaskStateStore(settings, store)
+    heartbeat = Heartbeat(
+        settings, s3, store.bucket, {"role": "tts-worker", "engine": engine.name, "model_version": engine.model_version}
+    ).start()
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
     processor = TaskProcessor(
         settings,
         engine,
         PromptFetcher(settings, http),
         Spool(settings.spool_location, s3, work_dir),
-        AudioStore(settings, s3),
+        store,
         producer,
+        states,
     )
     consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
     try:
@@ -160,6 +179,8 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
             consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker", prefetch=processor.prefetch
         ).run()
     finally:
+        heartbeat.stop()
+        states.close()
         producer.close()
         http.close()
         engine.close()

@@ -19,10 +19,13 @@ from pydantic import ValidationError
 from indextts_api import kafka
 from indextts_api.config import Settings
 from indextts_api.httpclient import make_http_client
+from indextts_api.logs import bind_task
+from indextts_api.metrics import TASKS_FINISHED, TASKS_IN_FLIGHT, UPLOAD_SECONDS, UPLOADS, WEBHOOK_DELIVERIES
 from indextts_api.schemas import ResultMessage, WebhookPayload
 from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
-from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry
+from indextts_api.tasks import TaskStateStore
+from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry, webhook_document
 from indextts_api.workers.concurrent import ConcurrentConsumerLoop
 from indextts_api.workers.consumer import TransientError
 
@@ -31,13 +34,20 @@ logger = logging.getLogger(__name__)
 
 class ResultProcessor:
     def __init__(
-        self, settings: Settings, store: AudioStore, spool: Spool, http: httpx.Client, producer: kafka.SyncProducer
+        self,
+        settings: Settings,
+        store: AudioStore,
+        spool: Spool,
+        http: httpx.Client,
+        producer: kafka.SyncProducer,
+        states: TaskStateStore,
     ) -> None:
         self._settings = settings
         self._store = store
         self._spool = spool
         self._http = http
         self._producer = producer
+        self._states = states
 
     def handle(self, message: Message) -> None:
         try:
@@ -45,11 +55,29 @@ class ResultProcessor:
         except ValidationError as exc:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid result message: {exc}")
             return
+        with bind_task(result.task_uuid), TASKS_IN_FLIGHT.labels("upload").track_inprogress():
+            self._finish(message, result)
+
+    def _finish(self, message: Message, result: ResultMessage) -> None:
+        uuid = result.task_uuid
+        if result.status == "success":
+            self._states.write_async(uuid, "uploading", {"uploading_at": time.time()})
+        started = time.monotonic()
         payload = self._payload(result)
+        upload_s = round(time.monotonic() - started, 4) if result.status == "success" else None
+        # The outcome is recorded while the webhook is sent, and durable before the commit.
+        recorded = self._states.write_async(uuid, "result", _result_document(result, payload, self._store, upload_s))
         delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
+        WEBHOOK_DELIVERIES.labels("delivered" if delivery.delivered else "failed", "1").inc()
+        self._states.write_async(uuid, "webhook", webhook_document(1, delivery))
+        try:
+            recorded.result()
+        except Exception as exc:
+            raise TransientError(f"could not record the outcome: {exc}") from exc
+        TASKS_FINISHED.labels(payload.status).inc()
         latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
-            logger.info("task %s %s; webhook delivered%s", result.task_uuid, payload.status, latency)
+            logger.info("task %s %s; webhook delivered%s", uuid, payload.status, latency)
             return
         # The offset is committed only once the retry is stored: a restart forgets nothing.
         try:
@@ -86,7 +114,10 @@ class ResultProcessor:
                     error_message="the synthesized audio was lost before upload; please resubmit",
                 )
         except Exception as exc:
+            UPLOADS.labels("error").inc()
             raise TransientError(f"S3 upload failed: {exc}") from exc
+        UPLOADS.labels("success").inc()
+        UPLOAD_SECONDS.observe(time.monotonic() - started)
         if result.audio:
             self._spool.discard(result.audio)  # S3 has it now; a redelivery finds it there
         logger.info("task %s uploaded %s in %.3f s", result.task_uuid, key, time.monotonic() - started)
@@ -101,6 +132,24 @@ class ResultProcessor:
             raise TransientError(f"S3 unavailable: {exc}") from exc
 
 
+def _result_document(
+    result: ResultMessage, payload: WebhookPayload, store: AudioStore, upload_s: float | None
+) -> dict[str, object]:
+    return {
+        "status": payload.status,
+        "finished_at": time.time(),
+        "error_message": payload.error_message,
+        "s3_key": store.key_for(result.task_uuid) if payload.status == "success" else None,
+        "engine": result.engine,
+        "timings": {
+            "fetch_s": result.fetch_s,
+            "synthesis_s": result.synthesis_s,
+            "audio_s": result.audio_s,
+            "upload_s": upload_s,
+        },
+    }
+
+
 def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     """Run one upload worker (results and webhook retries) until ``stop`` is set."""
     s3 = make_s3_client(settings)
@@ -110,7 +159,8 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     )
     producer = kafka.SyncProducer(settings)
     work_dir = make_work_dir(Path(settings.data_dir), "upload")
-    processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer)
+    states = TaskStateStore(settings, store)
+    processor = ResultProcessor(settings, store, Spool(settings.spool_location, s3, work_dir), http, producer, states)
     results = ConcurrentConsumerLoop(
         kafka.make_consumer(settings, settings.kafka_upload_consumer_group),
         [settings.kafka_result_topic],
@@ -122,7 +172,7 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     retries = ConcurrentConsumerLoop(
         kafka.make_consumer(settings, f"{settings.kafka_upload_consumer_group}_webhook_retries"),
         settings.webhook_retry_topics,
-        WebhookRetrier(settings, http, producer).handle,
+        WebhookRetrier(settings, http, producer, states).handle,
         stop,
         "webhook-retries",
         settings.webhook_retry_concurrency,
@@ -136,6 +186,7 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
     finally:
         stop.set()
         retry_thread.join()
+        states.close()
         producer.close()
         http.close()
         shutil.rmtree(work_dir, ignore_errors=True)

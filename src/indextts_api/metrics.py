@@ -1,0 +1,124 @@
+"""Prometheus metrics of every role, defined in one place.
+
+In the all-in-one process tree (``all``), every process writes to PROMETHEUS_MULTIPROC_DIR and
+the API's ``/metrics`` aggregates them (prometheus-client's multiprocess mode). A worker role run
+on its own serves its metrics on METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from indextts_api.config import Settings
+
+logger = logging.getLogger(__name__)
+
+_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+TASKS_ACCEPTED = Counter("indextts_tasks_accepted_total", "Tasks stored in Kafka by POST /generate")
+REQUESTS_REFUSED = Counter("indextts_generate_refused_total", "POST /generate answered with an error", ["code"])
+TASKS_FINISHED = Counter("indextts_tasks_finished_total", "Tasks finished, by outcome", ["status"])
+SYNTHESIS_SECONDS = Histogram("indextts_synthesis_seconds", "Engine time per task", ["engine"], buckets=_SECONDS)
+AUDIO_SECONDS = Histogram("indextts_audio_seconds", "Audio produced per task", ["engine"], buckets=_SECONDS)
+PROMPT_FETCH_SECONDS = Histogram(
+    "indextts_prompt_fetch_seconds", "Prompt download and check per task", buckets=_SECONDS
+)
+UPLOADS = Counter("indextts_uploads_total", "Audio uploads to S3, by result", ["result"])
+UPLOAD_SECONDS = Histogram("indextts_upload_seconds", "Upload time per task", buckets=_SECONDS)
+WEBHOOK_DELIVERIES = Counter(
+    "indextts_webhook_deliveries_total", "Webhook attempts, by result and attempt number", ["result", "attempt"]
+)
+TASKS_IN_FLIGHT = Gauge(
+    "indextts_tasks_in_flight", "Tasks being worked on now, by stage", ["stage"], multiprocess_mode="livesum"
+)
+CONSUMER_LAG = Gauge(
+    "indextts_kafka_consumer_lag",
+    "Messages not yet committed by the group",
+    ["topic", "group"],
+    multiprocess_mode="max",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this process, or of the whole tree in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def process_exited(pid: int) -> None:
+    """Drop a dead process's live gauges (multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class LagMonitor:
+    """Consumer lag per topic and group (high watermark minus committed offset), refreshed in the
+    background so that a scrape costs nothing. Standard Kafka APIs; brokers that under-report
+    watermarks (Tansu, see DESIGN.md) show less lag than there is."""
+
+    def __init__(self, settings: Settings) -> None:
+        from indextts_api.kafka import client_config, make_admin
+
+        self._settings = settings
+        self._admin = make_admin(settings)
+        self._consumer = Consumer({**client_config(settings), "group.id": "indextts-lag-monitor"})
+        self._pairs = [
+            (settings.kafka_task_topic, settings.kafka_tts_consumer_group),
+            (settings.kafka_result_topic, settings.kafka_upload_consumer_group),
+            *(
+                (topic, f"{settings.kafka_upload_consumer_group}_webhook_retries")
+                for topic in settings.webhook_retry_topics
+            ),
+        ]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lag-monitor", daemon=True)
+
+    def start(self) -> LagMonitor:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            for topic, group in self._pairs:
+                try:
+                    CONSUMER_LAG.labels(topic, group).set(self.lag(topic, group))
+                except (KafkaException, RuntimeError, ValueError) as exc:
+                    logger.debug("lag of %s/%s unavailable: %s", group, topic, exc)
+            if self._stop.wait(self._settings.lag_interval_s):
+                return
+
+    def lag(self, topic: str, group: str) -> int:
+        metadata = self._consumer.list_topics(topic, timeout=5)
+        partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
+        request = ConsumerGroupTopicPartitions(group, partitions)
+        committed = self._admin.list_consumer_group_offsets([request], request_timeout=5)[group].result()
+        offsets = {tp.partition: tp.offset for tp in committed.topic_partitions}
+        total = 0
+        for tp in partitions:
+            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            position = offsets.get(tp.partition, -1)
+            total += max(0, high - (position if position >= 0 else low))
+        return total
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()

@@ -1,0 +1,135 @@
+"""Task state: small JSON documents in the audio bucket, one per stage, read back by GET /tasks/{id}.
+
+Why here: it needs no new infrastructure, every API and worker host already reaches the bucket,
+and it scales with the workers (writes happen at the rate tasks are processed, not accepted).
+Each stage has its own object (``tasks/<id>/processing.json``, ``uploading.json``, ``result.json``,
+``webhook.json``), written by the one role that owns that stage, so writers on different hosts
+never overwrite each other and no write can move a task backwards: the status is the latest stage
+present. "queued" needs no write at all: a task id is signed (see ``ids``), so an id we issued with
+no stage recorded yet is a queued task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from indextts_api.config import Settings
+from indextts_api.ids import issued_at
+from indextts_api.storage import AudioStore
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["processing", "uploading", "result", "webhook"]
+STAGES: tuple[Stage, ...] = ("processing", "uploading", "result", "webhook")
+TaskStatus = Literal["queued", "processing", "uploading", "success", "failed"]
+
+
+class WebhookRecord(BaseModel):
+    attempts: int = 0
+    delivered: bool = False
+    last_status_code: int | None = None
+    last_error: str | None = None
+    last_attempt_at: float | None = None
+
+
+class TaskTimings(BaseModel):
+    fetch_s: float | None = Field(default=None, description="prompt download and check")
+    synthesis_s: float | None = Field(default=None, description="engine time")
+    audio_s: float | None = Field(default=None, description="length of the audio produced")
+    upload_s: float | None = None
+
+
+class TaskPublic(BaseModel):
+    """GET /tasks/{task_uuid}: where a task is, and its outcome once it has one."""
+
+    task_uuid: str
+    status: TaskStatus
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    s3_url: str | None = None
+    error_message: str | None = None
+    engine: str | None = None
+    timings: TaskTimings = Field(default_factory=TaskTimings)
+    webhook: WebhookRecord = Field(default_factory=WebhookRecord)
+
+
+class TaskStateStore:
+    """Writes and reads the stage documents. Writes can run in the background (``write_async``)."""
+
+    def __init__(self, settings: Settings, store: AudioStore) -> None:
+        self._store = store
+        self._client = store.client
+        prefix = settings.s3_key_prefix.strip("/")
+        self._prefix = f"{prefix}/tasks" if prefix else "tasks"
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="task-state")
+
+    def _key(self, task_uuid: str, stage: Stage) -> str:
+        return f"{self._prefix}/{task_uuid}/{stage}.json"
+
+    def write(self, task_uuid: str, stage: Stage, document: dict[str, Any]) -> None:
+        body = json.dumps({**document, "updated_at": time.time()}).encode()
+        self._client.put_object(
+            Bucket=self._store.bucket, Key=self._key(task_uuid, stage), Body=body, ContentType="application/json"
+        )
+
+    def write_async(self, task_uuid: str, stage: Stage, document: dict[str, Any]) -> Future[None]:
+        """Write without waiting (informational stages); a failure is logged, the task goes on."""
+        future = self._writer.submit(self.write, task_uuid, stage, document)
+        future.add_done_callback(lambda done: _log_failure(done, task_uuid, stage))
+        return future
+
+    def _read_stage(self, task_uuid: str, stage: Stage) -> dict[str, Any] | None:
+        try:
+            response = self._client.get_object(Bucket=self._store.bucket, Key=self._key(task_uuid, stage))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        document: dict[str, Any] = json.loads(response["Body"].read())
+        return document
+
+    def read(self, task_uuid: str, id_secret: bytes) -> TaskPublic | None:
+        """The task's state, or None for an id this service did not issue and knows nothing of."""
+        listing = self._client.list_objects_v2(Bucket=self._store.bucket, Prefix=f"{self._prefix}/{task_uuid}/")
+        present = {item["Key"].rsplit("/", 1)[-1].removesuffix(".json") for item in listing.get("Contents", [])}
+        documents = {stage: self._read_stage(task_uuid, stage) for stage in STAGES if stage in present}
+        created_at = issued_at(task_uuid, id_secret)
+        if not any(documents.values()):
+            return (
+                None if created_at is None else TaskPublic(task_uuid=task_uuid, status="queued", created_at=created_at)
+            )
+        task = TaskPublic(task_uuid=task_uuid, status="queued", created_at=created_at)
+        if processing := documents.get("processing"):
+            task.status = "processing"
+            task.started_at = processing.get("started_at")
+            task.engine = processing.get("engine")
+        if documents.get("uploading"):
+            task.status = "uploading"
+        if result := documents.get("result"):
+            task.status = result["status"]
+            task.finished_at = result.get("finished_at")
+            task.error_message = result.get("error_message")
+            task.engine = result.get("engine") or task.engine
+            task.timings = TaskTimings.model_validate(result.get("timings") or {})
+            if result.get("s3_key") and result["status"] == "success":
+                task.s3_url = self._store.url_for(result["s3_key"])
+        if webhook := documents.get("webhook"):
+            task.webhook = WebhookRecord.model_validate(webhook)
+        return task
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+
+def _log_failure(future: Future[None], task_uuid: str, stage: str) -> None:
+    error = future.exception()
+    if error is not None:
+        logger.warning("task %s: could not record stage %s: %s", task_uuid, stage, error)
