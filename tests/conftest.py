@@ -7,6 +7,7 @@ directory, and stopped at the end, so the suite runs beside a dev server without
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -66,17 +67,21 @@ def prompt_dir(session_dir: Path) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def embedded_servers(data_dir: Path) -> Iterator[EmbeddedInfra]:
+    """The embedded Tansu and SeaweedFS, on free ports, with their data in ``data_dir``."""
+    settings = Settings(_env_file=None, data_dir=data_dir, embedded_kafka_port=0, embedded_s3_port=0)  # type: ignore[call-arg]
+    servers = start_embedded(settings, need_kafka=True, need_s3=True)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
 @pytest.fixture(scope="session")
 def infra(session_dir: Path) -> Iterator[EmbeddedInfra]:
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        data_dir=session_dir / "infra",
-        embedded_kafka_port=0,
-        embedded_s3_port=0,
-    )
-    servers = start_embedded(settings, need_kafka=True, need_s3=True)
-    yield servers
-    servers.stop()
+    with embedded_servers(session_dir / "infra") as servers:
+        yield servers
 
 
 @pytest.fixture(scope="session")
@@ -166,9 +171,7 @@ def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float, heal
     raise TimeoutError(f"service not healthy within {timeout_s} s:\n{process.log_tail(6000)}")
 
 
-def launch_service(
-    workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args: str, **extra_env: str
-) -> Service:
+def launch_service(workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args: str, **extra_env: str) -> Service:
     """`indextts-api all` against ``infra``, with the Piper engine and test-friendly timings."""
     port = free_port()
     data_dir = workdir / "service"
@@ -202,6 +205,29 @@ def launch_service(
         process.stop()
         raise
     return Service(base_url, (API_USER, API_PASSWORD), process, data_dir, env)
+
+
+@contextlib.contextmanager
+def api_role(workdir: Path, infra: EmbeddedInfra, name: str, **extra_env: str) -> Iterator[str]:
+    """`indextts-api api` alone against ``infra`` (no workers); yields its base URL."""
+    port = free_port()
+    env = child_env(
+        {
+            **infra.settings_env(),
+            "API_USERNAME": API_USER,
+            "API_PASSWORD": API_PASSWORD,
+            "DATA_DIR": str(workdir / name),
+            **extra_env,
+        }
+    )
+    argv = [sys.executable, "-m", "indextts_api", "api", "--port", str(port)]
+    process = ChildProcess(name, argv, workdir / f"{name}.log", env=env, cwd=workdir)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base_url, process, 60, healthy=False)
+        yield base_url
+    finally:
+        assert process.stop() == 0, process.log_tail()
 
 
 def stop_service(service: Service) -> None:

@@ -20,9 +20,9 @@ from confluent_kafka import Consumer
 
 from indextts_api.config import Settings
 from indextts_api.devtools import WebhookReceiver
-from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
+from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.kafka import SyncProducer
-from tests.conftest import Service, launch_service, stop_service, wait_for_worker, worker_pids
+from tests.conftest import Service, embedded_servers, launch_service, stop_service, wait_for_worker, worker_pids
 
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog near the quiet river bank."] * 25)
 DELIVERY_TIMEOUT_S = 150
@@ -35,10 +35,8 @@ def fault_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fault_infra(fault_dir: Path) -> Iterator[EmbeddedInfra]:
-    settings = Settings(_env_file=None, data_dir=fault_dir / "infra", embedded_kafka_port=0, embedded_s3_port=0)  # type: ignore[call-arg]
-    servers = start_embedded(settings, need_kafka=True, need_s3=True)
-    yield servers
-    servers.stop()
+    with embedded_servers(fault_dir / "infra") as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")

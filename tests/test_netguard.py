@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,8 +15,8 @@ import pytest
 from indextts_api import netguard
 from indextts_api.httpclient import make_http_client
 from indextts_api.infra.embedded import EmbeddedInfra
-from indextts_api.infra.process import ChildProcess, child_env, free_port
-from tests.conftest import API_PASSWORD, API_USER, wait_for_health
+from indextts_api.infra.process import free_port
+from tests.conftest import API_PASSWORD, API_USER, api_role
 
 INTERNAL_URLS = [
     "http://127.0.0.1/",
@@ -144,24 +143,8 @@ def test_redirect_to_an_internal_address_is_refused(
 @pytest.fixture(scope="module")
 def public_only_api(session_dir: Path, infra: EmbeddedInfra) -> Iterator[str]:
     """The API role as production runs it: external infrastructure, ALLOW_PRIVATE_URLS=false."""
-    port = free_port()
-    env = child_env(
-        {
-            **infra.settings_env(),
-            "API_USERNAME": API_USER,
-            "API_PASSWORD": API_PASSWORD,
-            "ALLOW_PRIVATE_URLS": "false",
-            "DATA_DIR": str(session_dir / "public-api"),
-        }
-    )
-    argv = [sys.executable, "-m", "indextts_api", "api", "--port", str(port)]
-    process = ChildProcess("public-api", argv, session_dir / "public-api.log", env=env, cwd=session_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base_url, process, 60, healthy=False)
+    with api_role(session_dir, infra, "public-api", ALLOW_PRIVATE_URLS="false") as base_url:
         yield base_url
-    finally:
-        assert process.stop() == 0
 
 
 @pytest.mark.parametrize("url", INTERNAL_URLS)

@@ -10,37 +10,25 @@ from pathlib import Path
 import pytest
 
 from indextts_api.infra.embedded import EmbeddedInfra
-from indextts_api.infra.process import ChildProcess, child_env, free_port
-from tests.conftest import API_PASSWORD, API_USER, wait_for_health
+from tests.conftest import API_PASSWORD, API_USER, api_role
 
 
 @pytest.fixture(scope="module")
 def fuzzed_api(session_dir: Path, infra: EmbeddedInfra) -> Iterator[str]:
     """The API role on topics of its own (no worker reads them), public URLs only, as in production."""
-    port = free_port()
-    env = child_env(
-        {
-            **infra.settings_env(),
-            "API_USERNAME": API_USER,
-            "API_PASSWORD": API_PASSWORD,
-            "ALLOW_PRIVATE_URLS": "false",
-            "KAFKA_TASK_TOPIC": "fuzz_tasks",
-            "KAFKA_RESULT_TOPIC": "fuzz_results",
-            "KAFKA_DEAD_LETTER_TOPIC": "fuzz_dead_letters",
-            "KAFKA_WEBHOOK_RETRY_TOPIC": "fuzz_webhook_retries",
-            "KAFKA_TOPIC_PARTITIONS": "1",
-            "DATA_DIR": str(session_dir / "fuzz"),
-            "PROMPT_DIR": str(session_dir / "fuzz" / "prompts"),
-        }
-    )
-    argv = [sys.executable, "-m", "indextts_api", "api", "--port", str(port)]
-    process = ChildProcess("fuzz-api", argv, session_dir / "fuzz-api.log", env=env, cwd=session_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base_url, process, 60, healthy=False)
+    with api_role(
+        session_dir,
+        infra,
+        "fuzz-api",
+        ALLOW_PRIVATE_URLS="false",
+        KAFKA_TASK_TOPIC="fuzz_tasks",
+        KAFKA_RESULT_TOPIC="fuzz_results",
+        KAFKA_DEAD_LETTER_TOPIC="fuzz_dead_letters",
+        KAFKA_WEBHOOK_RETRY_TOPIC="fuzz_webhook_retries",
+        KAFKA_TOPIC_PARTITIONS="1",
+        PROMPT_DIR=str(session_dir / "fuzz-prompts"),
+    ) as base_url:
         yield base_url
-    finally:
-        assert process.stop() == 0, process.log_tail()
 
 
 # Semantic rules beyond the schema (a blank text, a prompt path outside the prompt directory, a

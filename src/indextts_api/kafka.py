@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import Consumer as _Consumer
@@ -51,12 +52,19 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+# librdkafka's own log lines repeat every reconnect attempt; errors reach us through error_cb.
 _librdkafka_logger = logging.getLogger("librdkafka")
+_librdkafka_logger.setLevel(logging.CRITICAL)
+_last_reported: dict[int, float] = {}
+_REPORT_EVERY_S = 10.0
 
 
 def _log_client_error(error: KafkaError) -> None:
-    # librdkafka reconnects by itself; these are reported so an operator sees a broker outage.
-    logger.warning("kafka client: %s", error)
+    # librdkafka reconnects by itself; an outage is reported, once per kind every few seconds.
+    now = time.monotonic()
+    if now - _last_reported.get(error.code(), -_REPORT_EVERY_S) >= _REPORT_EVERY_S:
+        _last_reported[error.code()] = now
+        logger.warning("kafka client: %s", error)
 
 
 def make_producer(settings: Settings, *, linger_ms: int = 1, message_timeout_ms: int = 15000) -> Producer:

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -72,22 +72,28 @@ def process_exited(pid: int) -> None:
 class LagMonitor:
     """Consumer lag per topic and group (high watermark minus committed offset), refreshed in the
     background so that a scrape costs nothing. Standard Kafka APIs; brokers that under-report
-    watermarks (Tansu, see DESIGN.md) show less lag than there is."""
+    watermarks (Tansu, see DESIGN.md) show less lag than there is.
+
+    Committed offsets are read with a consumer of each group that never subscribes (an OffsetFetch,
+    no group membership). librdkafka's admin ListConsumerGroupOffsets aborted the process with an
+    internal assertion while the broker was down, so it is not used.
+    """
 
     def __init__(self, settings: Settings) -> None:
-        from indextts_api.kafka import client_config, make_admin
+        from indextts_api.kafka import client_config
 
         self._settings = settings
-        self._admin = make_admin(settings)
-        self._consumer = Consumer({**client_config(settings), "group.id": "indextts-lag-monitor"})
+        retry_group = f"{settings.kafka_upload_consumer_group}_webhook_retries"
         self._pairs = [
             (settings.kafka_task_topic, settings.kafka_tts_consumer_group),
             (settings.kafka_result_topic, settings.kafka_upload_consumer_group),
-            *(
-                (topic, f"{settings.kafka_upload_consumer_group}_webhook_retries")
-                for topic in settings.webhook_retry_topics
-            ),
+            *((topic, retry_group) for topic in settings.webhook_retry_topics),
         ]
+        self._readers = {
+            group: Consumer({**client_config(settings), "group.id": group, "enable.auto.commit": False})
+            for group in {group for _, group in self._pairs}
+        }
+        self._measured = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lag-monitor", daemon=True)
 
@@ -96,29 +102,26 @@ class LagMonitor:
         return self
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(self._settings.lag_interval_s if self._measured else 1.0):
             for topic, group in self._pairs:
                 try:
                     CONSUMER_LAG.labels(topic, group).set(self.lag(topic, group))
-                except (KafkaException, RuntimeError, ValueError) as exc:
+                except (KafkaException, RuntimeError, ValueError, KeyError) as exc:
                     logger.debug("lag of %s/%s unavailable: %s", group, topic, exc)
-            if self._stop.wait(self._settings.lag_interval_s):
-                return
+            self._measured = True
 
     def lag(self, topic: str, group: str) -> int:
-        metadata = self._consumer.list_topics(topic, timeout=5)
+        reader = self._readers[group]
+        metadata = reader.list_topics(topic, timeout=5)
         partitions = [TopicPartition(topic, p) for p in metadata.topics[topic].partitions]
-        request = ConsumerGroupTopicPartitions(group, partitions)
-        committed = self._admin.list_consumer_group_offsets([request], request_timeout=5)[group].result()
-        offsets = {tp.partition: tp.offset for tp in committed.topic_partitions}
         total = 0
-        for tp in partitions:
-            low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            position = offsets.get(tp.partition, -1)
-            total += max(0, high - (position if position >= 0 else low))
+        for committed in reader.committed(partitions, timeout=5):
+            low, high = reader.get_watermark_offsets(committed, timeout=5, cached=False)
+            total += max(0, high - (committed.offset if committed.offset >= 0 else low))
         return total
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
-        self._consumer.close()
+        self._thread.join(timeout=20)
+        for reader in self._readers.values():
+            reader.close()
