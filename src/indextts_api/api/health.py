@@ -30,6 +30,7 @@ class HealthChecker:
         self._admin = make_admin(settings)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, CheckResult]] | None = None
+        self.live_engines: list[dict[str, Any]] = []  # what the TTS workers reported, freshest first
 
     def checks(self) -> dict[str, CheckResult]:
         with self._lock:
@@ -65,7 +66,8 @@ class HealthChecker:
             if item["LastModified"].timestamp() >= fresh_after:
                 body = self._store.client.get_object(Bucket=self._store.bucket, Key=item["Key"])["Body"].read()
                 live.append(json.loads(body))
-        workers = [w for w in live if w.get("role") == "tts-worker"]
+        workers = sorted((w for w in live if w.get("role") == "tts-worker"), key=lambda w: -float(w.get("seen_at", 0)))
+        self.live_engines = workers
         if not workers:
             raise RuntimeError(
                 f"no TTS worker has reported in the last {3 * self._settings.heartbeat_interval_s:.0f} s"

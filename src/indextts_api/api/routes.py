@@ -36,8 +36,10 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 def health(settings: SettingsDep, checker: HealthDep) -> JSONResponse:
     """Service health with the spec's fields, the engine in use, and checks of Kafka, S3 and the engine
     (200 when all are up, 503 naming the one that is down)."""
-    engine = describe_engine(settings)
     checks = checker.checks()
+    # The engine the TTS workers report running (they may be on other hosts than this API);
+    # before any has reported, what these settings would select.
+    engine = describe_engine(settings, reported=checker.live_engines[0] if checker.live_engines else None)
     healthy = all(check.status == "up" for check in checks.values())
     body = HealthPublic(
         status="healthy" if healthy else "unhealthy",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from indextts_api.config import Settings
 from indextts_api.engines import indextts2, piper
@@ -32,8 +33,9 @@ def resolve_engine_name(settings: Settings) -> str:
     return "piper"
 
 
-def describe_engine(settings: Settings) -> EngineInfo:
-    name = resolve_engine_name(settings)
+def describe_engine(settings: Settings, reported: dict[str, Any] | None = None) -> EngineInfo:
+    """The engine in use: as a worker ``reported`` it (heartbeat), else as these settings select it."""
+    name = str(reported["engine"]) if reported and reported.get("engine") else resolve_engine_name(settings)
     if name == "indextts2":
         return EngineInfo(name=name, model_version=indextts2.MODEL_VERSION)
     return EngineInfo(name=name, model_version=piper.PiperEngine.model_version, ignores=piper.CAPABILITY_GAPS)

@@ -5,7 +5,7 @@ occupies one slot, not the worker. Offsets are committed per partition up to the
 that is not finished, so a crash never skips an unfinished message (at-least-once). A handler
 retries its own transient failures with backoff until it succeeds or the worker stops.
 
-A ``due_at`` function makes it a scheduler: a message that is not due yet is handed back and its
+A ``due_at`` function makes it a scheduler: a message that is not due yet is held and its
 partition paused until it is (the webhook retry topics hold messages in due order).
 """
 
@@ -17,10 +17,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaException, Message, TopicPartition
 
 from indextts_api.kafka import Consumer
-from indextts_api.workers.consumer import POLL_INTERVAL_S, RETRY_BACKOFF_S, TransientError, position_of
+from indextts_api.workers.consumer import (
+    POLL_INTERVAL_S,
+    RETRY_BACKOFF_S,
+    TransientError,
+    is_real_message,
+    position_of,
+    restart_fetching,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +74,8 @@ class ConcurrentConsumerLoop:
         self._progress: dict[PartitionKey, _PartitionProgress] = {}
         self._running = 0
         self._saturated = False
-        # Partitions paused until their next message is due: (due time, offset of that message).
-        self._waiting: dict[PartitionKey, tuple[float, int]] = {}
+        # Partitions paused until their next message is due: that message, held here, and its time.
+        self._waiting: dict[PartitionKey, tuple[float, Message]] = {}
 
     # --- rebalancing ---------------------------------------------------------------------------
 
@@ -95,13 +102,9 @@ class ConcurrentConsumerLoop:
                 self._resume_due_partitions()
                 message = self._consumer.poll(POLL_INTERVAL_S)
                 self._commit_finished()
-                if message is None:
+                if not is_real_message(message, self._role):
                     continue
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        logger.warning("%s consumer error: %s", self._role, error)
-                    continue
+                assert message is not None
                 if self._defer_if_not_due(message):
                     continue
                 self._start(message)
@@ -180,6 +183,8 @@ class ConcurrentConsumerLoop:
     # --- scheduling ------------------------------------------------------------------------------------
 
     def _defer_if_not_due(self, message: Message) -> bool:
+        """Hold a message that is not due yet and pause its partition until it is (no seek: a
+        failed seek would skip the message and a later commit would pass over it)."""
         if self._due_at is None:
             return False
         due = self._due_at(message)
@@ -187,9 +192,8 @@ class ConcurrentConsumerLoop:
             return False
         position = position_of(message)
         self._consumer.pause([position])
-        self._consumer.seek(position)
         with self._lock:
-            self._waiting[(position.topic, position.partition)] = (due, position.offset)
+            self._waiting[(position.topic, position.partition)] = (due, message)
         return True
 
     def _resume_due_partitions(self) -> None:
@@ -197,22 +201,14 @@ class ConcurrentConsumerLoop:
             return  # while saturated, due partitions stay listed and are resumed afterwards
         now = time.time()
         with self._lock:
-            due = [TopicPartition(t, p, offset) for (t, p), (when, offset) in self._waiting.items() if when <= now]
-            for tp in due:
-                del self._waiting[(tp.topic, tp.partition)]
-        if due:
-            self._consumer.resume(due)
-            for tp in due:  # back to the deferred message itself, not past it
-                self._consumer.seek(tp)
+            due = [(key, message) for key, (when, message) in self._waiting.items() if when <= now]
+            for key, _ in due:
+                del self._waiting[key]
+        for _, message in due:
+            self._start(message)
+        restart_fetching(
+            self._consumer, [TopicPartition(topic, partition) for (topic, partition), _ in due], self._role
+        )
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        if not partitions:
-            return
-        self._consumer.resume(partitions)
-        # Restart fetching at once (see PausingConsumerLoop._resume).
-        try:
-            for position in self._consumer.position(partitions):
-                if position.offset >= 0:
-                    self._consumer.seek(position)
-        except KafkaException as exc:
-            logger.debug("%s could not restart fetching: %s", self._role, exc)
+        restart_fetching(self._consumer, partitions, self._role)

@@ -1,4 +1,4 @@
-"""The consumer loop both worker roles share.
+"""The one-at-a-time consumer loop of the TTS worker, and helpers both loops share.
 
 One message at a time per process: the partitions are paused while the handler runs in a thread,
 and the loop keeps polling, so a synthesis of many minutes never exceeds max.poll.interval.ms
@@ -7,13 +7,15 @@ returned, i.e. after the step's effect is durable.
 
 With a ``prefetch`` function the loop takes one message ahead before pausing and runs
 ``prefetch`` on it while the current one is handled (the TTS worker fetches the next prompt
-while the engine works); that message is handled next, or handed back if anything goes wrong.
+while the engine works); that message is handled next.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -41,7 +43,44 @@ def position_of(message: Message, next_one: bool = False) -> TopicPartition:
     return TopicPartition(topic, partition, offset + 1 if next_one else offset)
 
 
+def restart_fetching(consumer: Consumer, partitions: list[TopicPartition], role: str) -> None:
+    """Resume ``partitions`` and make librdkafka fetch at once.
+
+    librdkafka only notices a resume at its broker thread's next wake-up (~0.6 s measured here);
+    a seek to the current position restarts the fetch at once (14 ms). The position is where the
+    next unread message is, so this seek never skips or repeats one; if it fails, fetching simply
+    resumes a little later.
+    """
+    if not partitions:
+        return
+    consumer.resume(partitions)
+    try:
+        for position in consumer.position(partitions):
+            if position.offset >= 0:
+                consumer.seek(position)
+    except KafkaException as exc:
+        logger.debug("%s could not restart fetching at once: %s", role, exc)
+
+
+def is_real_message(message: Message | None, role: str) -> bool:
+    if message is None:
+        return False
+    error = message.error()
+    if error is None:
+        return True
+    if error.code() != KafkaError._PARTITION_EOF:
+        logger.warning("%s consumer error: %s", role, error)
+    return False
+
+
 class PausingConsumerLoop:
+    """One message at a time (the TTS worker): see the module docstring.
+
+    Messages are never handed back with a seek (a seek can fail during a rebalance, and a
+    skipped message would be committed over): the ones received while busy are held here, in
+    order, and the partitions paused; a failed message is retried here with backoff.
+    """
+
     def __init__(
         self,
         consumer: Consumer,
@@ -57,122 +96,81 @@ class PausingConsumerLoop:
         self._prefetch = prefetch
         self._stop = stop
         self._role = role
-        self._busy = False
-        self._lookahead: Message | None = None
+        self._held: deque[Message] = deque()  # received, not handled yet, in order
+        self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-prefetch")
-        self._failures = 0
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s assigned %s", self._role, [p.partition for p in partitions])
-        if self._busy and partitions and (self._prefetch is None or self._lookahead is not None):
+        if self._paused and partitions:
             # Cooperative rebalancing adds partitions while we work: they must wait too.
             consumer.pause(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
-        if self._lookahead is not None and any(
-            p.topic == self._lookahead.topic() and p.partition == self._lookahead.partition() for p in partitions
-        ):
-            self._lookahead = None  # its new owner will handle it
+        revoked = {(p.topic, p.partition) for p in partitions}
+        # Held messages of those partitions belong to their new owner (nothing was committed).
+        self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
 
     def run(self) -> None:
         self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self._stop.is_set():
-                message, self._lookahead = self._lookahead, None
-                if message is None:
-                    message = self._consumer.poll(POLL_INTERVAL_S)
-                if message is None:
+                if self._held:
+                    self._process(self._held.popleft())
                     continue
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        logger.warning("%s consumer error: %s", self._role, error)
-                    continue
-                self._process(message)
+                if self._paused:
+                    self._paused = False
+                    restart_fetching(self._consumer, self._consumer.assignment(), self._role)
+                message = self._consumer.poll(POLL_INTERVAL_S)
+                if is_real_message(message, self._role):
+                    assert message is not None
+                    self._process(message)
         finally:
             self._executor.shutdown(wait=True)
             self._prefetcher.shutdown(wait=True)
             self._consumer.close()  # leaves the group at once: partitions move without waiting a session
             logger.info("%s stopped", self._role)
 
-    def _process(self, message: Message) -> None:
-        self._busy = True
-        if self._prefetch is None:
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
             self._consumer.pause(self._consumer.assignment())
-        try:
+
+    def _poll_while_busy(self) -> None:
+        """Keep the group membership alive; hold what arrives (one message ahead with prefetch)."""
+        message = self._consumer.poll(POLL_INTERVAL_S)
+        if not is_real_message(message, self._role):
+            return
+        assert message is not None
+        self._held.append(message)
+        if self._prefetch is not None and len(self._held) == 1:
+            self._prefetcher.submit(self._prefetch_quietly, message)
+        self._pause()
+
+    def _process(self, message: Message) -> None:
+        if self._prefetch is None or self._held:
+            self._pause()
+        failures = 0
+        while True:
             future: Future[None] = self._executor.submit(self._handler, message)
             while not future.done():
-                polled = self._consumer.poll(POLL_INTERVAL_S)  # keeps the membership alive
-                if polled is None or polled.error():
-                    continue
-                if self._prefetch is not None and self._lookahead is None:
-                    self._lookahead = polled
-                    self._consumer.pause(self._consumer.assignment())
-                    self._prefetcher.submit(self._prefetch_quietly, polled)
-                else:
-                    # Fetched before the pause took effect: hand it back for later.
-                    self._consumer.seek(position_of(polled))
+                self._poll_while_busy()
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message
-                self._hand_back_lookahead()
-                self._retry_later(message, exc)
-                return
-            self._failures = 0
+                if not self._wait_before_retry(message, exc, failures):
+                    return  # stopping: not committed, so it is redelivered
+                failures += 1
+                continue
             self._commit(message)
-        finally:
-            self._busy = False
-            self._resume()
+            return
 
-    def _prefetch_quietly(self, message: Message) -> None:
-        assert self._prefetch is not None
-        try:
-            self._prefetch(message)
-        except Exception:  # the real handling reports whatever went wrong
-            logger.debug("%s prefetch failed", self._role, exc_info=True)
-
-    def _hand_back_lookahead(self) -> None:
-        lookahead, self._lookahead = self._lookahead, None
-        if lookahead is not None:
-            try:
-                self._consumer.seek(position_of(lookahead))
-            except KafkaException as exc:
-                logger.warning("%s could not hand back a prefetched message: %s", self._role, exc)
-
-    def _resume(self) -> None:
-        assignment = self._consumer.assignment()
-        self._consumer.resume(assignment)
-        # librdkafka only notices a resume at its broker thread's next wake-up (~0.6 s measured
-        # here); a seek to the current position restarts the fetch at once (14 ms).
-        try:
-            for position in self._consumer.position(assignment):
-                if position.offset >= 0:
-                    self._consumer.seek(position)
-        except KafkaException as exc:
-            logger.debug("%s could not restart fetching: %s", self._role, exc)
-
-    def _commit(self, message: Message) -> None:
-        try:
-            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=False)
-        except KafkaException as exc:
-            # Usually a rebalance took the partition away: the new owner gets the message again,
-            # and processing is idempotent by task_uuid.
-            logger.warning(
-                "%s could not commit %s[%d]@%d: %s",
-                self._role,
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                exc,
-            )
-
-    def _retry_later(self, message: Message, exc: Exception) -> None:
-        delay = RETRY_BACKOFF_S[min(self._failures, len(RETRY_BACKOFF_S) - 1)]
-        self._failures += 1
+    def _wait_before_retry(self, message: Message, exc: Exception, failures: int) -> bool:
+        delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
         logger.warning(
-            "%s will retry %s[%d]@%d in %.0f s: %s",
+            "%s will retry %s[%s]@%s in %.0f s: %s",
             self._role,
             message.topic(),
             message.partition(),
@@ -181,12 +179,31 @@ class PausingConsumerLoop:
             exc,
             exc_info=not isinstance(exc, TransientError),
         )
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                return False
+            self._poll_while_busy()
+        return not self._stop.is_set()
+
+    def _prefetch_quietly(self, message: Message) -> None:
+        assert self._prefetch is not None
         try:
-            self._consumer.seek(position_of(message))
-        except KafkaException as seek_error:
-            logger.warning("%s could not rewind: %s", self._role, seek_error)
-        # Wait without losing the group membership; a stop request ends the wait.
-        waited = 0.0
-        while waited < delay and not self._stop.is_set():
-            self._consumer.poll(POLL_INTERVAL_S)
-            waited += POLL_INTERVAL_S
+            self._prefetch(message)
+        except Exception:  # the real handling reports whatever went wrong
+            logger.debug("%s prefetch failed", self._role, exc_info=True)
+
+    def _commit(self, message: Message) -> None:
+        try:
+            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=False)
+        except KafkaException as exc:
+            # Usually a rebalance took the partition away: the new owner gets the message again,
+            # and processing is idempotent by task_uuid.
+            logger.warning(
+                "%s could not commit %s[%s]@%s: %s",
+                self._role,
+                message.topic(),
+                message.partition(),
+                message.offset(),
+                exc,
+            )
