@@ -1,0 +1,181 @@
+"""Task figures through the whole pipeline, against the engine's own figures from the same run.
+
+- overhead: one task at a time, submit → webhook arrival, minus the engine's own synthesis time of
+  the same text (measured in this process, same engine, same voice);
+- efficiency: a backlog of short tasks, drain rate over the engine's raw rate on the same texts;
+- memory: resident set size of every process of the service and of the embedded servers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.stack import ROOT, Role
+from indextts_api.devtools import WebhookReceiver
+from indextts_api.engines.base import SynthesisJob
+from indextts_api.engines.piper import PiperEngine
+from indextts_api.schemas import TaskParams
+
+ONE_SENTENCE = "Hello, this is a test of text-to-speech generation."
+
+
+def short_texts(count: int) -> list[str]:
+    """Distinct short sentences (a second or two of speech each), the shape of a busy voice product."""
+    subjects = ["Your order", "The meeting", "Flight two", "The package", "Your table", "The report", "Room nine"]
+    states = ["is ready", "starts soon", "was moved", "has shipped", "is confirmed", "needs review", "is open"]
+    return [f"{subjects[i % 7]} {states[(i // 7) % 7]}, reference {i}." for i in range(count)]
+
+
+@dataclass
+class EngineBaseline:
+    seconds_per_text: dict[str, float]  # median engine time per distinct text
+
+    def rate(self, texts: list[str]) -> float:
+        """Tasks per second the bare engine manages on ``texts``, one after another."""
+        return len(texts) / sum(self.seconds_per_text[text] for text in texts)
+
+
+def measure_engine(texts: list[str], repeats: int) -> EngineBaseline:
+    """The engine alone, in this process: the figure every pipeline figure is compared with."""
+    engine = PiperEngine()
+    params = TaskParams()
+    timings: dict[str, list[float]] = {text: [] for text in texts}
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "out.wav"
+        job = SynthesisJob("warm-up", ONE_SENTENCE, ROOT / "prompts" / "example.wav", None, params)
+        engine.synthesize(job, output)  # the first call pays for lazy initialisation
+        for _ in range(repeats):
+            for text in texts:
+                job = SynthesisJob("baseline", text, ROOT / "prompts" / "example.wav", None, params)
+                started = time.perf_counter()
+                engine.synthesize(job, output)
+                timings[text].append(time.perf_counter() - started)
+    engine.close()
+    return EngineBaseline({text: statistics.median(values) for text, values in timings.items()})
+
+
+def submit(client: httpx.Client, text: str, hook_url: str) -> str:
+    answer = client.post("/generate", json={"spk_audio_prompt": "example.wav", "text": text, "hook_url": hook_url})
+    answer.raise_for_status()
+    task_uuid: str = answer.json()["task_uuid"]
+    return task_uuid
+
+
+@dataclass
+class OverheadFigures:
+    tasks: int
+    end_to_end_p50_ms: float
+    engine_ms: float  # the bare engine on the same text, median
+    overhead_p50_ms: float
+    overhead_p95_ms: float
+    worker_synthesis_p50_ms: float  # what the TTS worker reported for the same tasks
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def measure_overhead(role: Role, receiver: WebhookReceiver, baseline: EngineBaseline, tasks: int) -> OverheadFigures:
+    end_to_end: list[float] = []
+    worker_synthesis: list[float] = []
+    with httpx.Client(base_url=role.base_url, auth=role.auth, timeout=30) as client:
+        for index in range(tasks + 2):  # the first two warm the worker's connections and caches
+            submitted = time.time()
+            task_uuid = submit(client, ONE_SENTENCE, receiver.url("/overhead"))
+            hook = receiver.wait_for(task_uuid, timeout_s=60)[0]
+            if hook.payload["status"] != "success":
+                raise RuntimeError(f"task failed: {hook.payload}")
+            if index < 2:
+                continue
+            end_to_end.append(hook.received_at - submitted)
+            status = client.get(f"/tasks/{task_uuid}").json()
+            worker_synthesis.append(status["timings"]["synthesis_s"])
+            time.sleep(0.05)  # one task at a time, as a lone client sees the service
+    engine_s = baseline.seconds_per_text[ONE_SENTENCE]
+    overheads = [value - engine_s for value in end_to_end]
+    return OverheadFigures(
+        tasks=tasks,
+        end_to_end_p50_ms=1000 * statistics.median(end_to_end),
+        engine_ms=1000 * engine_s,
+        overhead_p50_ms=1000 * percentile(overheads, 0.5),
+        overhead_p95_ms=1000 * percentile(overheads, 0.95),
+        worker_synthesis_p50_ms=1000 * statistics.median(worker_synthesis),
+    )
+
+
+@dataclass
+class DrainFigures:
+    tasks: int
+    seconds: float
+    tasks_per_s: float
+    engine_tasks_per_s: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.tasks_per_s / self.engine_tasks_per_s
+
+
+def measure_drain(role: Role, receiver: WebhookReceiver, baseline: EngineBaseline, texts: list[str]) -> DrainFigures:
+    """Submit ``texts`` as fast as the API takes them, then wait for every webhook."""
+    path = f"/drain-{time.time_ns()}"
+    with httpx.Client(base_url=role.base_url, auth=role.auth, timeout=30) as client:
+        started = time.time()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            task_uuids = list(pool.map(lambda text: submit(client, text, receiver.url(path)), texts))
+        arrivals = []
+        for task_uuid in task_uuids:
+            hook = receiver.wait_for(task_uuid, timeout_s=300)[0]
+            if hook.payload["status"] != "success":
+                raise RuntimeError(f"task failed: {hook.payload}")
+            arrivals.append(hook.received_at)
+    seconds = max(arrivals) - started
+    return DrainFigures(len(texts), seconds, len(texts) / seconds, baseline.rate(texts))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(proc.name))
+    return found
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _role_name(pid: int) -> str:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    for name in (b"tts-worker", b"upload-worker", b"all", b"api"):
+        if name in argv:
+            return "api" if name == b"all" else name.decode()
+    return Path(argv[0].decode()).name
+
+
+def resident_memory(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Name → (RSS now, peak RSS) in MiB, for the given processes and the service's workers."""
+    figures: dict[str, tuple[float, float]] = {}
+    expanded = dict(pids)
+    for pid in _children(pids["api"]):
+        name = _role_name(pid)
+        suffix = sum(1 for key in expanded if key.startswith(name))
+        expanded[f"{name}-{suffix}"] = pid
+    for name, pid in expanded.items():
+        figures[name] = (_status_kib(pid, "VmRSS") / 1024, _status_kib(pid, "VmHWM") / 1024)
+    return figures
