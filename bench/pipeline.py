@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -37,14 +38,19 @@ def short_texts(count: int) -> list[str]:
 class EngineBaseline:
     seconds_per_text: dict[str, float]  # median engine time per distinct text
 
+    engines: int = 1  # engines side by side, each as fast as the one measured
+
     def rate(self, texts: list[str]) -> float:
-        """Tasks per second the bare engine manages on ``texts``, one after another."""
-        return len(texts) / sum(self.seconds_per_text[text] for text in texts)
+        """Tasks per second the bare engine(s) manage on ``texts``."""
+        return self.engines * len(texts) / sum(self.seconds_per_text[text] for text in texts)
+
+    def times(self, engines: int) -> EngineBaseline:
+        return EngineBaseline(self.seconds_per_text, engines)
 
 
-def measure_engine(texts: list[str], repeats: int) -> EngineBaseline:
+def measure_engine(texts: list[str], repeats: int, threads: int) -> EngineBaseline:
     """The engine alone, in this process: the figure every pipeline figure is compared with."""
-    engine = PiperEngine()
+    engine = PiperEngine(threads=threads)
     params = TaskParams()
     timings: dict[str, list[float]] = {text: [] for text in texts}
     with tempfile.TemporaryDirectory() as scratch:
@@ -168,14 +174,30 @@ def _role_name(pid: int) -> str:
     return Path(argv[0].decode()).name
 
 
-def resident_memory(pids: dict[str, int]) -> dict[str, tuple[float, float]]:
-    """Name → (RSS now, peak RSS) in MiB, for the given processes and the service's workers."""
-    figures: dict[str, tuple[float, float]] = {}
+def service_processes(pids: dict[str, int]) -> dict[str, int]:
+    """The given processes (the service's main process under "api") and the service's workers by role."""
     expanded = dict(pids)
     for pid in _children(pids["api"]):
         name = _role_name(pid)
         suffix = sum(1 for key in expanded if key.startswith(name))
         expanded[f"{name}-{suffix}"] = pid
-    for name, pid in expanded.items():
-        figures[name] = (_status_kib(pid, "VmRSS") / 1024, _status_kib(pid, "VmHWM") / 1024)
-    return figures
+    return expanded
+
+
+def resident_memory(processes: dict[str, int]) -> dict[str, tuple[float, float]]:
+    """Name → (RSS now, peak RSS) in MiB."""
+    return {
+        name: (_status_kib(pid, "VmRSS") / 1024, _status_kib(pid, "VmHWM") / 1024) for name, pid in processes.items()
+    }
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(processes: dict[str, int]) -> dict[str, float]:
+    """Name → CPU seconds (user + system) the process has used so far."""
+    used = {}
+    for name, pid in processes.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        used[name] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return used

@@ -37,7 +37,7 @@ class Role:
 @contextlib.contextmanager
 def infrastructure(work_dir: Path) -> Iterator[EmbeddedInfra]:
     """Embedded Tansu and SeaweedFS on free loopback ports, data in ``work_dir``."""
-    settings = Settings(_env_file=None, data_dir=work_dir / "infra", embedded_kafka_port=0, embedded_s3_port=0)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=work_dir / "infra", embedded_kafka_port=0, embedded_s3_port=0)
     servers = start_embedded(settings, need_kafka=True, need_s3=True)
     try:
         yield servers
@@ -80,7 +80,6 @@ def service_role(work_dir: Path, infra: EmbeddedInfra, role: str, name: str, *ar
             "PROMPT_DIR": str(ROOT / "prompts"),
             "ALLOW_PRIVATE_URLS": "true",  # the webhook receiver is on loopback
             "ENGINE": "piper",
-            "LOG_LEVEL": "WARNING",  # the figures, not one log line per task, are what we read
             **env,
         }
     )

@@ -7,6 +7,8 @@ environment first, then from ``.env`` in the working directory.
 from __future__ import annotations
 
 import hashlib
+import os
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -69,6 +71,8 @@ class Settings(BaseSettings):
     cuda_kernel: bool = False
     tts_workers: int = Field(default=1, ge=0)
     upload_workers: int = Field(default=1, ge=0)
+    # CPU threads of one Piper engine; 0: this host's cores shared among its TTS_WORKERS.
+    piper_threads: int = Field(default=0, ge=0)
     # Claim-check location for synthesized audio between the TTS and upload workers:
     # a local/shared directory (empty = DATA_DIR/spool) or an S3 staging prefix s3://bucket/prefix/.
     spool_uri: str = ""
@@ -184,13 +188,19 @@ class Settings(BaseSettings):
             return self.allow_private_urls
         return self.fully_embedded
 
-    @property
+    @cached_property
     def task_id_key(self) -> bytes:
         """The key that signs task ids: TASK_ID_SECRET, else derived from the API credentials."""
         if self.task_id_secret is not None:
             return self.task_id_secret.get_secret_value().encode()
         password = self.api_password.get_secret_value() if self.api_password else ""
         return hashlib.sha256(f"indextts-api task ids\0{self.api_username}\0{password}".encode()).digest()
+
+    @property
+    def piper_threads_per_engine(self) -> int:
+        if self.piper_threads:
+            return self.piper_threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.tts_workers))
 
     @property
     def presign_urls(self) -> bool:

@@ -56,6 +56,39 @@ def resolve_local_prompt(prompt_dir: Path, reference: str) -> Path:
     return resolved
 
 
+class LocalPromptCheck:
+    """Whether a prompt path is a file inside the prompt directory, remembered for a few seconds.
+
+    Resolving a path costs a system call per component; a voice product sends the same few voice
+    names thousands of times a second. A verdict at most ``ttl_s`` old is good enough here: the
+    TTS worker resolves the path again, strictly, when it reads the file.
+    """
+
+    def __init__(self, prompt_dir: Path, ttl_s: float = 2.0, max_entries: int = 4096) -> None:
+        self._prompt_dir = prompt_dir
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._verdicts: dict[str, tuple[float, str | None]] = {}  # reference -> (checked at, error)
+
+    def error_for(self, reference: str) -> str | None:
+        now = time.monotonic()
+        remembered = self._verdicts.get(reference)
+        if remembered is not None and now - remembered[0] < self._ttl_s:
+            return remembered[1]
+        if not self._prompt_dir.is_dir():
+            error = None  # the API host may not share the workers' prompt directory; the worker checks
+        else:
+            try:
+                resolve_local_prompt(self._prompt_dir, reference)
+                error = None
+            except PromptError as exc:
+                error = str(exc)
+        if len(self._verdicts) >= self._max_entries:
+            self._verdicts.clear()
+        self._verdicts[reference] = (now, error)
+        return error
+
+
 @dataclass
 class _Fetched:
     """What a URL gave last time: its normalized file and the validators to ask whether it changed."""

@@ -15,6 +15,8 @@ from indextts_api.config import Settings
 logger = logging.getLogger(__name__)
 
 AUDIO_CONTENT_TYPE = "audio/wav"
+# Larger files (about an hour of 22 kHz speech) go up in parts, in parallel.
+SINGLE_PUT_MAX_BYTES = 128 * 1024 * 1024
 
 
 def make_s3_client(
@@ -79,6 +81,12 @@ class AudioStore:
             self.client.create_bucket(Bucket=self.bucket)
 
     def upload_file(self, path: Path, key: str) -> None:
+        if path.stat().st_size <= SINGLE_PUT_MAX_BYTES:
+            # One PUT: boto3's upload_file starts a transfer manager and its threads for every
+            # file, which cost more than the upload itself for a few seconds of speech.
+            with path.open("rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=AUDIO_CONTENT_TYPE)
+            return
         self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": AUDIO_CONTENT_TYPE})
 
     def copy_from(self, source_bucket: str, source_key: str, key: str) -> None:

@@ -20,6 +20,7 @@ from indextts_api.api.routes import router
 from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
+from indextts_api.prompts import LocalPromptCheck
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
 
@@ -126,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         app.state.producer = AsyncProducer(settings)
+        app.state.prompt_check = LocalPromptCheck(settings.prompt_dir)
         app.state.health = HealthChecker(settings)
         app.state.task_states = TaskStateStore(settings, AudioStore(settings, make_s3_client(settings)))
         lag = LagMonitor(settings).start()
@@ -141,6 +143,9 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         summary="Text-to-speech jobs: queue a task, receive the audio URL by webhook.",
         lifespan=lifespan,
+        # Metrics are Prometheus' (GET /metrics); FastAPI's OpenTelemetry hooks would only cost
+        # a provider lookup per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.include_router(router)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]

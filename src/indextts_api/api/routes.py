@@ -9,14 +9,14 @@ import uuid
 from fastapi import APIRouter, HTTPException, Response, status
 from fastapi.responses import JSONResponse
 
-from indextts_api.api.deps import HealthDep, ProducerDep, SettingsDep, TaskStatesDep, UserDep
+from indextts_api.api.deps import HealthDep, ProducerDep, PromptCheckDep, SettingsDep, TaskStatesDep, UserDep
 from indextts_api.engines import describe_engine
 from indextts_api.ids import new_task_uuid
 from indextts_api.kafka import BrokerUnavailable
 from indextts_api.metrics import REQUESTS_REFUSED, TASKS_ACCEPTED
 from indextts_api.metrics import render as render_metrics
 from indextts_api.netguard import known_internal_reason
-from indextts_api.prompts import PromptError, resolve_local_prompt
+from indextts_api.prompts import LocalPromptCheck
 from indextts_api.schemas import ErrorPublic, HealthPublic, TaskCreate, TaskMessage, TaskQueued, is_url
 from indextts_api.tasks import TaskPublic
 
@@ -87,26 +87,25 @@ def _check_urls_are_public(settings: SettingsDep, task: TaskCreate) -> None:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {reason}; only public URLs are allowed")
 
 
-def _check_local_prompts(settings: SettingsDep, task: TaskCreate) -> None:
+def _check_local_prompts(prompts: LocalPromptCheck, task: TaskCreate) -> None:
     """Refuse at once a prompt path that is not in this host's prompt directory (when it has one)."""
-    if not settings.prompt_dir.is_dir():
-        return  # the API host may not share the workers' prompt directory; the worker checks
     for field, reference in (
         ("spk_audio_prompt", task.spk_audio_prompt),
         ("params.emo_audio_prompt", task.params.emo_audio_prompt),
     ):
         if reference and not is_url(reference):
-            try:
-                resolve_local_prompt(settings.prompt_dir, reference)
-            except PromptError as exc:
-                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {exc}") from None
+            error = prompts.error_for(reference)
+            if error is not None:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {error}")
 
 
 @router.post("/generate", response_model=TaskQueued, responses=_ERRORS)
-async def generate(task: TaskCreate, settings: SettingsDep, producer: ProducerDep, _user: UserDep) -> TaskQueued:
+async def generate(
+    task: TaskCreate, settings: SettingsDep, producer: ProducerDep, prompts: PromptCheckDep, _user: UserDep
+) -> TaskQueued:
     """Queue a synthesis task; answers only once the broker has stored it."""
     _check_urls_are_public(settings, task)
-    _check_local_prompts(settings, task)
+    _check_local_prompts(prompts, task)
     task_uuid = new_task_uuid(settings.task_id_key)
     message = TaskMessage(
         task_uuid=task_uuid,

