@@ -191,3 +191,47 @@ def test_signature_verifies_with_the_standard_webhooks_library() -> None:
 
     headers = signature_headers(secret_bytes(secret), "msg_u_success", int(time.time()), body)
     assert Webhook(secret).verify(body, headers) == {"task_uuid": "u", "status": "success"}
+
+
+# --- task partitions, prompt path checks, engine threads --------------------------------------------
+
+
+def test_partition_spreader_fills_one_partition_per_batch_then_goes_round_robin() -> None:
+    from indextts_api.kafka import PartitionSpreader
+
+    spreader = PartitionSpreader(batch_messages=3, batch_s=60.0)
+    assert spreader.next("tasks") == -1  # partition count unknown: librdkafka hashes the key
+    spreader.partition_counts = {"tasks": 4}
+    chosen = [spreader.next("tasks") for _ in range(12)]
+    batches = [chosen[i : i + 3] for i in range(0, 12, 3)]
+    assert all(len(set(batch)) == 1 for batch in batches), chosen
+    assert sorted(batch[0] for batch in batches) == [0, 1, 2, 3], chosen  # every partition its turn
+
+
+def test_partition_spreader_moves_on_after_its_time_window() -> None:
+    from indextts_api.kafka import PartitionSpreader
+
+    spreader = PartitionSpreader(batch_messages=1000, batch_s=0.0)
+    spreader.partition_counts = {"tasks": 3}
+    first, second = spreader.next("tasks"), spreader.next("tasks")
+    assert second == (first + 1) % 3
+
+
+def test_local_prompt_check_refuses_escapes_and_remembers_briefly(tmp_path: Path) -> None:
+    from indextts_api.prompts import LocalPromptCheck
+
+    (tmp_path / "voice.wav").write_bytes(b"RIFF")
+    check = LocalPromptCheck(tmp_path, ttl_s=60.0)
+    assert check.error_for("voice.wav") is None
+    assert check.error_for("../etc/passwd") is not None
+    assert check.error_for("missing.wav") is not None
+    (tmp_path / "voice.wav").unlink()
+    assert check.error_for("voice.wav") is None  # remembered for ttl_s; the worker checks again
+    assert LocalPromptCheck(tmp_path, ttl_s=0.0).error_for("voice.wav") is not None
+
+
+def test_piper_threads_share_the_cores_among_the_workers() -> None:
+    cores = os.cpu_count() or 1
+    assert settings(piper_threads=3).piper_threads_per_engine == 3
+    assert settings(tts_workers=1).piper_threads_per_engine == cores
+    assert settings(tts_workers=cores * 2).piper_threads_per_engine == 1

@@ -26,6 +26,7 @@ from indextts_api.kafka import Consumer
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
+COMMIT_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -97,6 +98,8 @@ class PausingConsumerLoop:
         self._stop = stop
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
+        self._uncommitted: dict[tuple[str, int], TopicPartition] = {}  # done, offset not sent yet
+        self._last_commit = 0.0
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-prefetch")
@@ -109,6 +112,7 @@ class PausingConsumerLoop:
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
+        self._flush_commits(force=True, wait=True)  # what we finished stays finished for the new owner
         revoked = {(p.topic, p.partition) for p in partitions}
         # Held messages of those partitions belong to their new owner (nothing was committed).
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
@@ -128,6 +132,7 @@ class PausingConsumerLoop:
         finally:
             self._executor.shutdown(wait=True)
             self._prefetcher.shutdown(wait=True)
+            self._flush_commits(force=True, wait=True)
             self._consumer.close()  # leaves the group at once: partitions move without waiting a session
             logger.info("%s stopped", self._role)
 
@@ -202,19 +207,27 @@ class PausingConsumerLoop:
             logger.debug("%s prefetch failed", self._role, exc_info=True)
 
     def _commit(self, message: Message) -> None:
-        # Asynchronous: the next task starts at once. A commit that is lost (crash, rebalance)
-        # means a redelivery, which finds the audio in S3 and does not synthesize it again;
-        # librdkafka completes outstanding commits when the consumer closes.
+        """Mark ``message`` done; its offset goes to the broker with the next flush."""
+        position = position_of(message, next_one=True)
+        self._uncommitted[(position.topic, position.partition)] = position
+        self._flush_commits(force=not self._held)  # idle after this one: commit now
+
+    def _flush_commits(self, force: bool, wait: bool = False) -> None:
+        """Commit the finished offsets, at most every COMMIT_INTERVAL_S while a backlog is worked
+        off (each commit is a broker write) and at once when idle, revoked or stopping. A commit
+        that is lost in a crash means a redelivery, which finds the audio in S3 and does not
+        synthesize again."""
+        now = time.monotonic()
+        if not self._uncommitted or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
+            return
+        offsets, self._uncommitted = list(self._uncommitted.values()), {}
+        self._last_commit = now
         try:
-            self._consumer.commit(offsets=[position_of(message, next_one=True)], asynchronous=True)
+            if wait:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
-            # Usually a rebalance took the partition away: the new owner gets the message again,
+            # Usually a rebalance took the partition away: the new owner gets the messages again,
             # and processing is idempotent by task_uuid.
-            logger.warning(
-                "%s could not commit %s[%s]@%s: %s",
-                self._role,
-                message.topic(),
-                message.partition(),
-                message.offset(),
-                exc,
-            )
+            logger.warning("%s could not commit %s: %s", self._role, offsets, exc)
