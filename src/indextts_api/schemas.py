@@ -202,6 +202,7 @@ class ResultMessage(BaseModel):
     error_message: str | None = None
     timestamp: float
     queued_at: float | None = None
+    started_at: float | None = None  # when the TTS worker took the task
     engine: str | None = None
     fetch_s: float | None = None
     synthesis_s: float | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from indextts_api.storage import AudioStore
 logger = logging.getLogger(__name__)
 
 Stage = Literal["processing", "uploading", "result", "webhook"]
+# Steps shorter than this leave no "processing" / "uploading" record (see write_unless_done_within).
+STAGE_WRITE_DELAY_S = 0.25
 STAGES: tuple[Stage, ...] = ("processing", "uploading", "result", "webhook")
 TaskStatus = Literal["queued", "processing", "uploading", "success", "failed"]
 
@@ -86,6 +89,17 @@ class TaskStateStore:
         future.add_done_callback(lambda done: _log_failure(done, task_uuid, stage))
         return future
 
+    def write_unless_done_within(
+        self, task_uuid: str, stage: Stage, document: dict[str, Any], delay_s: float = STAGE_WRITE_DELAY_S
+    ) -> threading.Timer:
+        """An informational stage (processing, uploading) written only if the step is still
+        running ``delay_s`` from now; ``cancel()`` the timer when the step ends. A short step then
+        costs no storage write at all; the final record carries its times either way."""
+        timer = threading.Timer(delay_s, self.write_async, (task_uuid, stage, document))
+        timer.daemon = True
+        timer.start()
+        return timer
+
     def _read_stage(self, task_uuid: str, stage: Stage) -> dict[str, Any] | None:
         try:
             response = self._client.get_object(Bucket=self._store.bucket, Key=self._key(task_uuid, stage))
@@ -115,6 +129,7 @@ class TaskStateStore:
             task.status = "uploading"
         if result := documents.get("result"):
             task.status = result["status"]
+            task.started_at = task.started_at or result.get("started_at")
             task.finished_at = result.get("finished_at")
             task.error_message = result.get("error_message")
             task.engine = result.get("engine") or task.engine

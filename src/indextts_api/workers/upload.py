@@ -60,10 +60,15 @@ class ResultProcessor:
 
     def _finish(self, message: Message, result: ResultMessage) -> None:
         uuid = result.task_uuid
+        uploading = None
         if result.status == "success":
-            self._states.write_async(uuid, "uploading", {"uploading_at": time.time()})
+            uploading = self._states.write_unless_done_within(uuid, "uploading", {"uploading_at": time.time()})
         started = time.monotonic()
-        payload = self._payload(result)
+        try:
+            payload = self._payload(result)
+        finally:
+            if uploading is not None:
+                uploading.cancel()
         upload_s = round(time.monotonic() - started, 4) if result.status == "success" else None
         # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
         # on receiving its webhook sees the same outcome.
@@ -137,6 +142,7 @@ def _result_document(
 ) -> dict[str, object]:
     return {
         "status": payload.status,
+        "started_at": result.started_at,
         "finished_at": time.time(),
         "error_message": payload.error_message,
         "s3_key": store.key_for(result.task_uuid) if payload.status == "success" else None,
