@@ -60,6 +60,17 @@ def test_status_goes_from_queued_to_success(api: httpx.Client, receiver: Webhook
     assert hook.payload["s3_url"].split("?")[0] == str(final["s3_url"]).split("?")[0]
 
 
+def test_status_agrees_with_the_webhook_the_moment_it_arrives(api: httpx.Client, receiver: WebhookReceiver) -> None:
+    # A short task leaves no "processing" record (steps under 0.25 s are not recorded); its final
+    # record, written before the webhook is sent, carries when it started.
+    task_uuid = submit(api, receiver, "example.wav", text="Short and quick.")
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    state = api.get(f"/tasks/{task_uuid}").json()
+    assert state["status"] == hook.payload["status"] == "success"
+    assert state["created_at"] <= state["started_at"] <= state["finished_at"]
+    assert state["timings"]["synthesis_s"] > 0
+
+
 def test_failed_task_shows_its_error(api: httpx.Client, receiver: WebhookReceiver, file_server: FileServer) -> None:
     task_uuid = submit(api, receiver, file_server.url("missing-voice.wav"))
     seen = watch_status(api, task_uuid, {"success", "failed"}, 60)

@@ -11,6 +11,7 @@ no stage recorded yet is a queued task.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -95,7 +96,7 @@ class TaskStateStore:
         """An informational stage (processing, uploading) written only if the step is still
         running ``delay_s`` from now; ``cancel()`` the timer when the step ends. A short step then
         costs no storage write at all; the final record carries its times either way."""
-        timer = threading.Timer(delay_s, self.write_async, (task_uuid, stage, document))
+        timer = threading.Timer(delay_s, self._write_if_open, (task_uuid, stage, document))
         timer.daemon = True
         timer.start()
         return timer
@@ -139,6 +140,10 @@ class TaskStateStore:
         if webhook := documents.get("webhook"):
             task.webhook = WebhookRecord.model_validate(webhook)
         return task
+
+    def _write_if_open(self, task_uuid: str, stage: Stage, document: dict[str, Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the worker is shutting down: the record is informational
+            self.write_async(task_uuid, stage, document)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
