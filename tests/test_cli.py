@@ -52,7 +52,13 @@ def test_api_server_runs_on_the_embedded_default_and_keeps_queued_tasks(tmp_path
         wait_for_health(f"http://127.0.0.1:{port}", first, 90, healthy=False)
         credentials = json.loads((tmp_path / "data" / "embedded-credentials.json").read_text())
         auth = (credentials["api_username"], credentials["api_password"])
-        assert f"Login    {auth[0]} / {auth[1]}" in first.log_tail(20000)  # shown on the first start
+        # Shown on the first start; the banner is printed once the API listens, so it may follow
+        # the first answer to /health by a few milliseconds.
+        login = f"Login    {auth[0]} / {auth[1]}"
+        deadline = time.monotonic() + 10
+        while login not in first.log_tail(20000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert login in first.log_tail(20000)
         response = httpx.post(
             f"http://127.0.0.1:{port}/generate",
             auth=auth,
