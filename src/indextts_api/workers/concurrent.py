@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from indextts_api.kafka import Consumer
 from indextts_api.workers.consumer import (
-    COMMIT_INTERVAL_S,
     POLL_INTERVAL_S,
     RETRY_BACKOFF_S,
+    OffsetCommitter,
     TransientError,
     is_real_message,
     position_of,
@@ -75,8 +75,7 @@ class ConcurrentConsumerLoop:
         self._progress: dict[PartitionKey, _PartitionProgress] = {}
         self._running = 0
         self._saturated = False
-        self._uncommitted: dict[PartitionKey, int] = {}  # finished: the next offset to commit
-        self._last_commit = 0.0
+        self._committer = OffsetCommitter(consumer, role)
         # Partitions paused until their next message is due: that message, held here, and its time.
         self._waiting: dict[PartitionKey, tuple[float, Message]] = {}
 
@@ -166,32 +165,20 @@ class ConcurrentConsumerLoop:
                 self._progress[key].done.add(int(message.offset() or 0))
 
     def _commit_finished(self, asynchronous: bool = False) -> None:
-        """Commit what finished. From the main loop: asynchronously, so polling never waits on the
-        broker, and at most every COMMIT_INTERVAL_S, since each commit is a broker write; on revoke
-        and stop: at once, synchronously. A commit lost in a crash means a redelivery, which is
-        idempotent by task_uuid (the same object is uploaded again, the webhook may be repeated)."""
+        """Commit what finished: from the main loop ``asynchronously`` (see OffsetCommitter), on
+        revoke and stop at once."""
         with self._lock:
             for (topic, partition), progress in self._progress.items():
                 next_offset = progress.committable()
                 if next_offset is not None:
-                    self._uncommitted[(topic, partition)] = next_offset
+                    self._committer.mark(topic, partition, next_offset)
             unsaturate = self._saturated and self._running < self._concurrency
             if unsaturate:
                 self._saturated = False
-            offsets = []
-            now = time.monotonic()
-            if self._uncommitted and (not asynchronous or now - self._last_commit >= COMMIT_INTERVAL_S):
-                offsets = [TopicPartition(t, p, offset) for (t, p), offset in self._uncommitted.items()]
-                self._uncommitted = {}
-                self._last_commit = now
-        if offsets:
-            try:
-                if asynchronous:
-                    self._consumer.commit(offsets=offsets, asynchronous=True)
-                else:
-                    self._consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                logger.warning("%s could not commit: %s (the messages will be redelivered)", self._role, exc)
+        if asynchronous:
+            self._committer.flush()
+        else:
+            self._committer.flush(now=True, wait=True)
         if unsaturate:
             self._resume([tp for tp in self._consumer.assignment() if (tp.topic, tp.partition) not in self._waiting])
 

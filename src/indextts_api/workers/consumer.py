@@ -74,6 +74,43 @@ def is_real_message(message: Message | None, role: str) -> bool:
     return False
 
 
+class OffsetCommitter:
+    """Finished offsets on their way to the broker, for both consumer loops.
+
+    From the main loop they are sent asynchronously and at most every COMMIT_INTERVAL_S (each
+    commit is a broker write, and polling never waits for it); on revoke and stop, at once and
+    synchronously. A commit lost in a crash means a redelivery, which is idempotent by task_uuid:
+    the audio is found in S3 and not synthesized again, the same object is uploaded again, and the
+    webhook may be repeated.
+    """
+
+    def __init__(self, consumer: Consumer, role: str) -> None:
+        self._consumer = consumer
+        self._role = role
+        self._pending: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to read
+        self._last_sent = 0.0
+
+    def mark(self, topic: str, partition: int, next_offset: int) -> None:
+        self._pending[(topic, partition)] = next_offset
+
+    def flush(self, *, now: bool = False, wait: bool = False) -> None:
+        """Send what is pending if ``now`` or the interval has passed; ``wait`` for the broker."""
+        sent_at = time.monotonic()
+        if not self._pending or (not now and sent_at - self._last_sent < COMMIT_INTERVAL_S):
+            return
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._pending.items()]
+        self._pending = {}
+        self._last_sent = sent_at
+        try:
+            if wait:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            # Usually a rebalance took the partitions away: the new owner gets the messages again.
+            logger.warning("%s could not commit %s: %s (the messages will be redelivered)", self._role, offsets, exc)
+
+
 class PausingConsumerLoop:
     """One message at a time (the TTS worker): see the module docstring.
 
@@ -98,8 +135,7 @@ class PausingConsumerLoop:
         self._stop = stop
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
-        self._uncommitted: dict[tuple[str, int], TopicPartition] = {}  # done, offset not sent yet
-        self._last_commit = 0.0
+        self._committer = OffsetCommitter(consumer, role)
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-prefetch")
@@ -112,7 +148,7 @@ class PausingConsumerLoop:
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
-        self._flush_commits(force=True, wait=True)  # what we finished stays finished for the new owner
+        self._committer.flush(now=True, wait=True)  # what we finished stays finished for the new owner
         revoked = {(p.topic, p.partition) for p in partitions}
         # Held messages of those partitions belong to their new owner (nothing was committed).
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
@@ -132,7 +168,7 @@ class PausingConsumerLoop:
         finally:
             self._executor.shutdown(wait=True)
             self._prefetcher.shutdown(wait=True)
-            self._flush_commits(force=True, wait=True)
+            self._committer.flush(now=True, wait=True)
             self._consumer.close()  # leaves the group at once: partitions move without waiting a session
             logger.info("%s stopped", self._role)
 
@@ -207,27 +243,6 @@ class PausingConsumerLoop:
             logger.debug("%s prefetch failed", self._role, exc_info=True)
 
     def _commit(self, message: Message) -> None:
-        """Mark ``message`` done; its offset goes to the broker with the next flush."""
         position = position_of(message, next_one=True)
-        self._uncommitted[(position.topic, position.partition)] = position
-        self._flush_commits(force=not self._held)  # idle after this one: commit now
-
-    def _flush_commits(self, force: bool, wait: bool = False) -> None:
-        """Commit the finished offsets, at most every COMMIT_INTERVAL_S while a backlog is worked
-        off (each commit is a broker write) and at once when idle, revoked or stopping. A commit
-        that is lost in a crash means a redelivery, which finds the audio in S3 and does not
-        synthesize again."""
-        now = time.monotonic()
-        if not self._uncommitted or (not force and now - self._last_commit < COMMIT_INTERVAL_S):
-            return
-        offsets, self._uncommitted = list(self._uncommitted.values()), {}
-        self._last_commit = now
-        try:
-            if wait:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-            else:
-                self._consumer.commit(offsets=offsets, asynchronous=True)
-        except KafkaException as exc:
-            # Usually a rebalance took the partition away: the new owner gets the messages again,
-            # and processing is idempotent by task_uuid.
-            logger.warning("%s could not commit %s: %s", self._role, offsets, exc)
+        self._committer.mark(position.topic, position.partition, position.offset)
+        self._committer.flush(now=not self._held)  # idle after this one: send it now
