@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -29,7 +30,7 @@ from indextts_api.storage import AudioStore
 logger = logging.getLogger(__name__)
 
 Stage = Literal["processing", "uploading", "result", "webhook"]
-# Steps shorter than this leave no "processing" / "uploading" record (see write_unless_done_within).
+# Steps shorter than this leave no "processing" / "uploading" record (see stage_if_slow).
 STAGE_WRITE_DELAY_S = 0.25
 STAGES: tuple[Stage, ...] = ("processing", "uploading", "result", "webhook")
 TaskStatus = Literal["queued", "processing", "uploading", "success", "failed"]
@@ -90,16 +91,20 @@ class TaskStateStore:
         future.add_done_callback(lambda done: _log_failure(done, task_uuid, stage))
         return future
 
-    def write_unless_done_within(
+    @contextlib.contextmanager
+    def stage_if_slow(
         self, task_uuid: str, stage: Stage, document: dict[str, Any], delay_s: float = STAGE_WRITE_DELAY_S
-    ) -> threading.Timer:
-        """An informational stage (processing, uploading) written only if the step is still
-        running ``delay_s`` from now; ``cancel()`` the timer when the step ends. A short step then
-        costs no storage write at all; the final record carries its times either way."""
+    ) -> Iterator[None]:
+        """Around an informational step (processing, uploading): its record is written only if the
+        step is still running ``delay_s`` after it began. A short step costs no storage write; the
+        final record carries its times either way."""
         timer = threading.Timer(delay_s, self._write_if_open, (task_uuid, stage, document))
         timer.daemon = True
         timer.start()
-        return timer
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _read_stage(self, task_uuid: str, stage: Stage) -> dict[str, Any] | None:
         try:

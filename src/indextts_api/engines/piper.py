@@ -80,7 +80,6 @@ class PiperEngine:
         )
         self._voice = PiperVoice(config=PiperConfig.from_dict(config), session=session)
         self.sample_rate = int(self._voice.config.sample_rate)
-        self.threads = threads
 
     def synthesize(self, job: SynthesisJob, output_path: Path) -> SynthesisOutcome:
         segments = split_text(job.text, job.params.max_text_tokens_per_segment)

@@ -58,13 +58,10 @@ class TaskProcessor:
             return
         with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
             started_at = time.time()
-            processing = self._states.write_unless_done_within(
+            with self._states.stage_if_slow(
                 task.task_uuid, "processing", {"started_at": started_at, "engine": self._engine.name}
-            )
-            try:
+            ):
                 result = self._run(task)
-            finally:
-                processing.cancel()
             result.started_at = started_at
         try:
             self._producer.send(

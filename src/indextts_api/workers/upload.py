@@ -60,15 +60,9 @@ class ResultProcessor:
 
     def _finish(self, message: Message, result: ResultMessage) -> None:
         uuid = result.task_uuid
-        uploading = None
-        if result.status == "success":
-            uploading = self._states.write_unless_done_within(uuid, "uploading", {"uploading_at": time.time()})
         started = time.monotonic()
-        try:
+        with self._states.stage_if_slow(uuid, "uploading", {"uploading_at": time.time()}):
             payload = self._payload(result)
-        finally:
-            if uploading is not None:
-                uploading.cancel()
         upload_s = round(time.monotonic() - started, 4) if result.status == "success" else None
         # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
         # on receiving its webhook sees the same outcome.
