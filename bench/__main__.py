@@ -25,7 +25,9 @@ from bench.pipeline import (
     service_processes,
     short_texts,
 )
-from bench.stack import ROOT, infrastructure, service_role, webhook_receiver
+from bench.stack import ROOT, service_role, webhook_receiver
+from indextts_api.config import Settings
+from indextts_api.devtools import embedded_servers
 
 ACCEPT_TOPIC = "bench_accept_tasks"  # no worker reads it: the accept run measures the API and the broker
 
@@ -39,8 +41,12 @@ class Deployment:
     tts_workers: int
     piper_threads: int  # per engine; 0 = the default (the host's cores shared among the workers)
 
-    def threads_per_engine(self, cores: int) -> int:
-        return self.piper_threads or max(1, cores // self.tts_workers)
+    @property
+    def threads_per_engine(self) -> int:
+        """What each TTS worker of this deployment runs with (the service's own rule)."""
+        settings = Settings(_env_file=None, tts_workers=self.tts_workers, piper_threads=self.piper_threads)
+        threads: int = settings.piper_threads_per_engine
+        return threads
 
 
 DEPLOYMENTS = [
@@ -61,9 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backlog = short_texts(args.backlog)
     with tempfile.TemporaryDirectory(prefix="indextts-bench-") as scratch:
         work_dir = Path(scratch)
-        with infrastructure(work_dir) as infra, webhook_receiver() as receiver:
+        with embedded_servers(work_dir / "infra") as infra, webhook_receiver() as receiver:
             baselines: dict[int, EngineBaseline] = {}
-            for threads in sorted({d.threads_per_engine(cores) for d in DEPLOYMENTS}):
+            for threads in sorted({d.threads_per_engine for d in DEPLOYMENTS}):
                 print(f"engine alone, {threads} thread(s): this process, same voice, same texts ...", flush=True)
                 lone = measure_engine([ONE_SENTENCE], repeats=15, threads=threads)
                 batch = measure_engine(backlog, repeats=1, threads=threads)
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             for deployment in DEPLOYMENTS:
                 print(f"service: {deployment.label} ...", flush=True)
-                threads = deployment.threads_per_engine(cores)
+                threads = deployment.threads_per_engine
                 # An engine per worker: the raw rate of the deployment is that of its engines side by side.
                 baseline = baselines[threads].times(deployment.tts_workers)
                 figures: dict[str, Any] = {"label": deployment.label, "threads_per_engine": threads}

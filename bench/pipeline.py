@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from bench.stack import ROOT, Role
-from indextts_api.devtools import WebhookReceiver
+from indextts_api.devtools import WebhookReceiver, child_processes
 from indextts_api.engines.base import SynthesisJob
 from indextts_api.engines.piper import PiperEngine
 from indextts_api.schemas import TaskParams
@@ -146,19 +146,6 @@ def measure_drain(role: Role, receiver: WebhookReceiver, baseline: EngineBaselin
     return DrainFigures(len(texts), seconds, len(texts) / seconds, baseline.rate(texts))
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                found.append(int(proc.name))
-    return found
-
-
 def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -166,19 +153,18 @@ def _status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def _role_name(pid: int) -> str:
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    for name in (b"tts-worker", b"upload-worker", b"all", b"api"):
+def _role_name(argv: list[bytes]) -> str:
+    for name in (b"tts-worker", b"upload-worker"):
         if name in argv:
-            return "api" if name == b"all" else name.decode()
+            return name.decode()
     return Path(argv[0].decode()).name
 
 
 def service_processes(pids: dict[str, int]) -> dict[str, int]:
     """The given processes (the service's main process under "api") and the service's workers by role."""
     expanded = dict(pids)
-    for pid in _children(pids["api"]):
-        name = _role_name(pid)
+    for pid, argv in child_processes(pids["api"]).items():
+        name = _role_name(argv)
         suffix = sum(1 for key in expanded if key.startswith(name))
         expanded[f"{name}-{suffix}"] = pid
     return expanded

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from indextts_api.config import Settings
-from indextts_api.devtools import WebhookReceiver
-from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
+from indextts_api.devtools import WebhookReceiver, wait_for_health
+from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.infra.process import ChildProcess, child_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,36 +31,12 @@ class Role:
 
 
 @contextlib.contextmanager
-def infrastructure(work_dir: Path) -> Iterator[EmbeddedInfra]:
-    """Embedded Tansu and SeaweedFS on free loopback ports, data in ``work_dir``."""
-    settings = Settings(_env_file=None, data_dir=work_dir / "infra", embedded_kafka_port=0, embedded_s3_port=0)
-    servers = start_embedded(settings, need_kafka=True, need_s3=True)
-    try:
-        yield servers
-    finally:
-        servers.stop()
-
-
-@contextlib.contextmanager
 def webhook_receiver() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver().start()
     try:
         yield receiver
     finally:
         receiver.stop()
-
-
-def _wait_until_answering(role: Role, healthy: bool) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not role.process.alive():
-            raise RuntimeError(f"{role.process.name} exited:\n{role.process.log_tail(4000)}")
-        with contextlib.suppress(httpx.HTTPError):
-            code = httpx.get(f"{role.base_url}/health", timeout=5).status_code
-            if code == 200 or (not healthy and code == 503):
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{role.process.name} did not answer within {START_TIMEOUT_S} s")
 
 
 @contextlib.contextmanager
@@ -87,7 +59,7 @@ def service_role(work_dir: Path, infra: EmbeddedInfra, role: str, name: str, *ar
     process = ChildProcess(name, argv, work_dir / f"{name}.log", env=environment, cwd=work_dir)
     running = Role(process, f"http://127.0.0.1:{port}")
     try:
-        _wait_until_answering(running, healthy=role == "all")
+        wait_for_health(running.base_url, process, START_TIMEOUT_S, healthy=role == "all")
         yield running
     finally:
         process.stop(grace_s=60)

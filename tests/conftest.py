@@ -27,9 +27,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from indextts_api.config import Settings
-from indextts_api.devtools import WebhookReceiver
-from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
+from indextts_api.devtools import WebhookReceiver, child_processes, embedded_servers, wait_for_health
+from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.infra.process import ChildProcess, child_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,17 +64,6 @@ def prompt_dir(session_dir: Path) -> Path:
     speech_like_wav(outside)
     (directory / "escape.wav").symlink_to(outside)
     return directory
-
-
-@contextlib.contextmanager
-def embedded_servers(data_dir: Path) -> Iterator[EmbeddedInfra]:
-    """The embedded Tansu and SeaweedFS, on free ports, with their data in ``data_dir``."""
-    settings = Settings(_env_file=None, data_dir=data_dir, embedded_kafka_port=0, embedded_s3_port=0)  # type: ignore[call-arg]
-    servers = start_embedded(settings, need_kafka=True, need_s3=True)
-    try:
-        yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.fixture(scope="session")
@@ -153,22 +141,6 @@ class Service:
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, auth=self.auth, timeout=30)
-
-
-def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float, healthy: bool = True) -> None:
-    """Until /health answers 200 (or, with ``healthy=False``, answers at all: an API without workers)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not process.alive():
-            raise RuntimeError(f"service exited with {process.proc.returncode}:\n{process.log_tail(6000)}")
-        try:
-            code = httpx.get(f"{base_url}/health", timeout=5).status_code
-            if code == 200 or (not healthy and code == 503):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"service not healthy within {timeout_s} s:\n{process.log_tail(6000)}")
 
 
 def launch_service(workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args: str, **extra_env: str) -> Service:
@@ -267,18 +239,7 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout_s: float = 60) -
 
 def worker_pids(parent_pid: int, role: str) -> list[int]:
     """PIDs of the ``role`` processes (tts-worker, upload-worker) that ``parent_pid`` started."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent_pid and role.encode() in argv:
-            pids.append(int(proc.name))
-    return pids
+    return [pid for pid, argv in child_processes(parent_pid).items() if role.encode() in argv]
 
 
 def wait_for_worker(parent_pid: int, role: str, not_pid: int | None = None, timeout_s: float = 30) -> int:

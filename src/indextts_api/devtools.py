@@ -1,4 +1,5 @@
-"""Development helpers: a real webhook receiver for trying the service and for its tests.
+"""Development helpers: a real webhook receiver for trying the service, and the pieces the tests
+and the benchmark share to run the service (embedded servers, health wait, child processes).
 
 python -m indextts_api.devtools --port 9000     # prints every webhook it receives
 """
@@ -6,12 +7,21 @@ python -m indextts_api.devtools --port 9000     # prints every webhook it receiv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+import httpx
+
+from indextts_api.config import Settings
+from indextts_api.infra.embedded import EmbeddedInfra, start_embedded
+from indextts_api.infra.process import ChildProcess
 
 
 @dataclass
@@ -103,6 +113,49 @@ class WebhookReceiver:
                 if remaining <= 0:
                     raise TimeoutError(f"no webhook for task {task_uuid} within {timeout_s:.0f} s")
                 self._lock.wait(remaining)
+
+
+@contextlib.contextmanager
+def embedded_servers(data_dir: Path) -> Iterator[EmbeddedInfra]:
+    """The embedded Tansu and SeaweedFS, on free ports, with their data in ``data_dir``."""
+    settings = Settings(_env_file=None, data_dir=data_dir, embedded_kafka_port=0, embedded_s3_port=0)  # type: ignore[call-arg]
+    servers = start_embedded(settings, need_kafka=True, need_s3=True)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+def wait_for_health(base_url: str, process: ChildProcess, timeout_s: float, healthy: bool = True) -> None:
+    """Until /health answers 200 (or, with ``healthy=False``, answers at all: an API without workers)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"service exited with {process.proc.returncode}:\n{process.log_tail(6000)}")
+        try:
+            code = httpx.get(f"{base_url}/health", timeout=5).status_code
+            if code == 200 or (not healthy and code == 503):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"service not healthy within {timeout_s} s:\n{process.log_tail(6000)}")
+
+
+def child_processes(parent_pid: int) -> dict[int, list[bytes]]:
+    """The processes ``parent_pid`` started (the roles of `indextts-api all`): PID -> argv."""
+    children: dict[int, list[bytes]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent_pid:
+            children[int(proc.name)] = argv
+    return children
 
 
 def main() -> None:
