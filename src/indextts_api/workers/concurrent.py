@@ -209,8 +209,16 @@ class ConcurrentConsumerLoop:
         for _, message in due:
             self._start(message)
         restart_fetching(
-            self._consumer, [TopicPartition(topic, partition) for (topic, partition), _ in due], self._role
+            self._consumer,
+            [TopicPartition(topic, partition) for (topic, partition), _ in due],
+            self._role,
+            self._delivering(),
         )
 
     def _resume(self, partitions: list[TopicPartition]) -> None:
-        restart_fetching(self._consumer, partitions, self._role)
+        restart_fetching(self._consumer, partitions, self._role, self._delivering())
+
+    def _delivering(self) -> set[PartitionKey]:
+        """Partitions that gave a message since they were assigned (their progress is tracked)."""
+        with self._lock:
+            return set(self._progress)

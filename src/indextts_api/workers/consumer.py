@@ -44,19 +44,29 @@ def position_of(message: Message, next_one: bool = False) -> TopicPartition:
     return TopicPartition(topic, partition, offset + 1 if next_one else offset)
 
 
-def restart_fetching(consumer: Consumer, partitions: list[TopicPartition], role: str) -> None:
+def restart_fetching(
+    consumer: Consumer, partitions: list[TopicPartition], role: str, delivering: set[tuple[str, int]]
+) -> None:
     """Resume ``partitions`` and make librdkafka fetch at once.
 
     librdkafka only notices a resume at its broker thread's next wake-up (~0.6 s measured here);
     a seek to the current position restarts the fetch at once (14 ms). The position is where the
     next unread message is, so this seek never skips or repeats one; if it fails, fetching simply
     resumes a little later.
+
+    Only partitions in ``delivering`` (they gave this consumer a message since they were assigned)
+    are sought: a partition assigned a moment ago may still be looking up its committed offset, and
+    a seek then (seen in the soak test, after a SIGKILLed worker's partitions moved) left it never
+    fetching again, its tasks never processed. Those are only resumed.
     """
     if not partitions:
         return
     consumer.resume(partitions)
+    ready = [tp for tp in partitions if (tp.topic, tp.partition) in delivering]
+    if not ready:
+        return
     try:
-        for position in consumer.position(partitions):
+        for position in consumer.position(ready):
             if position.offset >= 0:
                 consumer.seek(position)
     except KafkaException as exc:
@@ -135,6 +145,7 @@ class PausingConsumerLoop:
         self._stop = stop
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
+        self._delivering: set[tuple[str, int]] = set()  # partitions that gave a message since assigned
         self._committer = OffsetCommitter(consumer, role)
         self._paused = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
@@ -150,6 +161,7 @@ class PausingConsumerLoop:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
         self._committer.flush(now=True, wait=True)  # what we finished stays finished for the new owner
         revoked = {(p.topic, p.partition) for p in partitions}
+        self._delivering -= revoked
         # Held messages of those partitions belong to their new owner (nothing was committed).
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
 
@@ -180,7 +192,7 @@ class PausingConsumerLoop:
     def _resume(self) -> None:
         if self._paused:
             self._paused = False
-            restart_fetching(self._consumer, self._consumer.assignment(), self._role)
+            restart_fetching(self._consumer, self._consumer.assignment(), self._role, self._delivering)
 
     def _poll_while_busy(self, timeout_s: float = POLL_INTERVAL_S) -> None:
         """Keep the group membership alive; hold what arrives (one message ahead with prefetch)."""
@@ -188,12 +200,14 @@ class PausingConsumerLoop:
         if not is_real_message(message, self._role):
             return
         assert message is not None
+        self._delivering.add((str(message.topic()), int(message.partition() or 0)))
         self._held.append(message)
         if self._prefetch is not None and len(self._held) == 1:
             self._prefetcher.submit(self._prefetch_quietly, message)
         self._pause()
 
     def _process(self, message: Message) -> None:
+        self._delivering.add((str(message.topic()), int(message.partition() or 0)))
         if self._prefetch is None or self._held:
             self._pause()
         else:
