@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 from bench.accept import measure_accept
 from bench.pipeline import (
     ONE_SENTENCE,
+    BareEngine,
     EngineBaseline,
     cpu_seconds,
     measure_drain,
@@ -67,12 +69,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backlog = short_texts(args.backlog)
     with tempfile.TemporaryDirectory(prefix="indextts-bench-") as scratch:
         work_dir = Path(scratch)
-        with embedded_servers(work_dir / "infra") as infra, webhook_receiver() as receiver:
+        with contextlib.ExitStack() as stack:
+            infra = stack.enter_context(embedded_servers(work_dir / "infra"))
+            receiver = stack.enter_context(webhook_receiver())
+            engines = {threads: BareEngine(threads) for threads in sorted({d.threads_per_engine for d in DEPLOYMENTS})}
+            for engine in engines.values():
+                stack.callback(engine.close)
             baselines: dict[int, EngineBaseline] = {}
-            for threads in sorted({d.threads_per_engine for d in DEPLOYMENTS}):
+            for threads, engine in engines.items():
                 print(f"engine alone, {threads} thread(s): this process, same voice, same texts ...", flush=True)
-                lone = measure_engine([ONE_SENTENCE], repeats=15, threads=threads)
-                batch = measure_engine(backlog, repeats=1, threads=threads)
+                lone = measure_engine(engine, [ONE_SENTENCE], repeats=15)
+                batch = measure_engine(engine, backlog, repeats=1)
                 baselines[threads] = EngineBaseline({**batch.seconds_per_text, **lone.seconds_per_text})
             results["engine"] = {
                 str(threads): {
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     if deployment.key == "default":
                         figures["overhead"] = dataclasses.asdict(
-                            measure_overhead(service, receiver, baselines[threads], args.overhead_tasks)
+                            measure_overhead(service, receiver, engines[threads], args.overhead_tasks)
                         )
                     cpu_before = cpu_seconds(processes)
                     drain = measure_drain(service, receiver, baseline, backlog)

@@ -48,22 +48,30 @@ class EngineBaseline:
         return EngineBaseline(self.seconds_per_text, engines)
 
 
-def measure_engine(texts: list[str], repeats: int, threads: int) -> EngineBaseline:
+class BareEngine:
     """The engine alone, in this process: the figure every pipeline figure is compared with."""
-    engine = PiperEngine(threads=threads)
-    params = TaskParams()
+
+    def __init__(self, threads: int) -> None:
+        self._engine = PiperEngine(threads=threads)
+        self._scratch = tempfile.TemporaryDirectory()
+        self.seconds(ONE_SENTENCE)  # the first call pays for lazy initialisation
+
+    def seconds(self, text: str) -> float:
+        job = SynthesisJob("baseline", text, ROOT / "prompts" / "example.wav", None, TaskParams())
+        started = time.perf_counter()
+        self._engine.synthesize(job, Path(self._scratch.name) / "out.wav")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._engine.close()
+        self._scratch.cleanup()
+
+
+def measure_engine(engine: BareEngine, texts: list[str], repeats: int) -> EngineBaseline:
     timings: dict[str, list[float]] = {text: [] for text in texts}
-    with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "out.wav"
-        job = SynthesisJob("warm-up", ONE_SENTENCE, ROOT / "prompts" / "example.wav", None, params)
-        engine.synthesize(job, output)  # the first call pays for lazy initialisation
-        for _ in range(repeats):
-            for text in texts:
-                job = SynthesisJob("baseline", text, ROOT / "prompts" / "example.wav", None, params)
-                started = time.perf_counter()
-                engine.synthesize(job, output)
-                timings[text].append(time.perf_counter() - started)
-    engine.close()
+    for _ in range(repeats):
+        for text in texts:
+            timings[text].append(engine.seconds(text))
     return EngineBaseline({text: statistics.median(values) for text, values in timings.items()})
 
 
@@ -78,7 +86,7 @@ def submit(client: httpx.Client, text: str, hook_url: str) -> str:
 class OverheadFigures:
     tasks: int
     end_to_end_p50_ms: float
-    engine_ms: float  # the bare engine on the same text, median
+    engine_ms: float  # the bare engine on the same text, between the tasks, median
     overhead_p50_ms: float
     overhead_p95_ms: float
     worker_synthesis_p50_ms: float  # what the TTS worker reported for the same tasks
@@ -89,8 +97,12 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def measure_overhead(role: Role, receiver: WebhookReceiver, baseline: EngineBaseline, tasks: int) -> OverheadFigures:
+def measure_overhead(role: Role, receiver: WebhookReceiver, engine: BareEngine, tasks: int) -> OverheadFigures:
+    """Each task's end-to-end time minus the bare engine's time on the same text, measured right
+    after it (while the service is idle): the pair sees the same machine, whatever it does
+    meanwhile, so a slow or fast minute does not land on one side only."""
     end_to_end: list[float] = []
+    engine_alone: list[float] = []
     worker_synthesis: list[float] = []
     with httpx.Client(base_url=role.base_url, auth=role.auth, timeout=30) as client:
         for index in range(tasks + 2):  # the first two warm the worker's connections and caches
@@ -105,12 +117,12 @@ def measure_overhead(role: Role, receiver: WebhookReceiver, baseline: EngineBase
             status = client.get(f"/tasks/{task_uuid}").json()
             worker_synthesis.append(status["timings"]["synthesis_s"])
             time.sleep(0.05)  # one task at a time, as a lone client sees the service
-    engine_s = baseline.seconds_per_text[ONE_SENTENCE]
-    overheads = [value - engine_s for value in end_to_end]
+            engine_alone.append(engine.seconds(ONE_SENTENCE))
+    overheads = [total - bare for total, bare in zip(end_to_end, engine_alone, strict=True)]
     return OverheadFigures(
         tasks=tasks,
         end_to_end_p50_ms=1000 * statistics.median(end_to_end),
-        engine_ms=1000 * engine_s,
+        engine_ms=1000 * statistics.median(engine_alone),
         overhead_p50_ms=1000 * percentile(overheads, 0.5),
         overhead_p95_ms=1000 * percentile(overheads, 0.95),
         worker_synthesis_p50_ms=1000 * statistics.median(worker_synthesis),
