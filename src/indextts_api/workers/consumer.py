@@ -1,13 +1,17 @@
 """The one-at-a-time consumer loop of the TTS worker, and helpers both loops share.
 
-One message at a time per process: the partitions are paused while the handler runs in a thread,
-and the loop keeps polling, so a synthesis of many minutes never exceeds max.poll.interval.ms
-and never costs the worker its group membership. The offset is committed only after the handler
-returned, i.e. after the step's effect is durable.
+One message at a time per process: the handler runs in a thread while the loop keeps polling, so
+a synthesis of many minutes never exceeds max.poll.interval.ms and never costs the worker its
+group membership. The offset is committed only after the handler returned, i.e. after the step's
+effect is durable.
 
-With a ``prefetch`` function the loop takes one message ahead before pausing and runs
-``prefetch`` on it while the current one is handled (the TTS worker fetches the next prompt
-while the engine works); that message is handled next.
+While the handler runs, the loop reads ahead: what arrives is held here, in order, up to
+MAX_HELD messages, and only then are the partitions paused. (Pausing after one message made
+librdkafka drop the rest of what it had fetched and fetch every partition again after each task:
+with the embedded Tansu that was a LIST and a GET of the object store per partition per task,
+most of the broker's work during a backlog.) With a ``prefetch`` function the loop runs it on the
+next held message while the current one is handled (the TTS worker fetches the next prompt and
+checks the next task's audio while the engine works).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from indextts_api.kafka import Consumer
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.1
+# Messages read ahead while the handler works, before the partitions are paused. They are this
+# worker's anyway (its partitions), uncommitted, and dropped on revoke for the new owner to read.
+MAX_HELD = 64
 COMMIT_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -122,11 +129,11 @@ class OffsetCommitter:
 
 
 class PausingConsumerLoop:
-    """One message at a time (the TTS worker): see the module docstring.
+    """One message at a time (the TTS worker), reading ahead: see the module docstring.
 
     Messages are never handed back with a seek (a seek can fail during a rebalance, and a
     skipped message would be committed over): the ones received while busy are held here, in
-    order, and the partitions paused; a failed message is retried here with backoff.
+    order; a failed message is retried here with backoff.
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class PausingConsumerLoop:
         self._delivering: set[tuple[str, int]] = set()  # partitions that gave a message since assigned
         self._committer = OffsetCommitter(consumer, role)
         self._paused = False
+        self._prefetched: Message | None = None  # the last message given to ``prefetch``
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-handler")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-prefetch")
 
@@ -195,31 +203,37 @@ class PausingConsumerLoop:
             restart_fetching(self._consumer, self._consumer.assignment(), self._role, self._delivering)
 
     def _poll_while_busy(self, timeout_s: float = POLL_INTERVAL_S) -> None:
-        """Keep the group membership alive; hold what arrives (one message ahead with prefetch)."""
-        message = self._consumer.poll(timeout_s)
-        if not is_real_message(message, self._role):
+        """Keep the group membership alive; hold what arrives, up to MAX_HELD messages."""
+        room = max(1, MAX_HELD - len(self._held))
+        for message in self._consumer.consume(num_messages=room, timeout=timeout_s):
+            if not is_real_message(message, self._role):
+                continue
+            self._delivering.add((str(message.topic()), int(message.partition() or 0)))
+            self._held.append(message)
+        self._prefetch_next()
+        if len(self._held) >= MAX_HELD:
+            self._pause()
+
+    def _prefetch_next(self) -> None:
+        if self._prefetch is None or not self._held or self._held[0] is self._prefetched:
             return
-        assert message is not None
-        self._delivering.add((str(message.topic()), int(message.partition() or 0)))
-        self._held.append(message)
-        if self._prefetch is not None and len(self._held) == 1:
-            self._prefetcher.submit(self._prefetch_quietly, message)
-        self._pause()
+        self._prefetched = self._held[0]
+        self._prefetcher.submit(self._prefetch_quietly, self._prefetched)
 
     def _process(self, message: Message) -> None:
         self._delivering.add((str(message.topic()), int(message.partition() or 0)))
-        if self._prefetch is None or self._held:
-            self._pause()
-        else:
-            self._resume()  # fetch one message ahead, to prefetch its prompt while this one runs
+        if len(self._held) < MAX_HELD // 2:
+            self._resume()  # read ahead while this one runs (a no-op unless paused)
+        self._prefetch_next()
         failures = 0
         while True:
             future: Future[None] = self._executor.submit(self._handler, message)
             while not future.done():
-                # Wake up the moment the handler is done (a poll would sleep out its timeout: up
-                # to 100 ms of idle engine per task), and poll without blocking in between.
-                wait([future], timeout=POLL_INTERVAL_S)
+                # Take what the broker has sent at once (the next task's prefetch then overlaps
+                # this one), then wake up the moment the handler is done (a blocking poll would
+                # sleep out its timeout: up to 100 ms of idle engine per task).
                 self._poll_while_busy(timeout_s=0)
+                wait([future], timeout=POLL_INTERVAL_S)
             try:
                 future.result()
             except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message

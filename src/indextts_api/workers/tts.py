@@ -28,6 +28,11 @@ from indextts_api.workers.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
+# How long a prefetch's "no audio in S3 yet" stands in for the check before synthesis. Only a
+# worker handling the same task at the same moment (a redelivery during a rebalance) could store
+# it meanwhile, and a repeated synthesis is what at-least-once delivery allows anyway.
+ABSENCE_VALID_S = 30.0
+
 
 class TaskProcessor:
     """Everything one task needs, built once per process."""
@@ -49,6 +54,7 @@ class TaskProcessor:
         self._store = store
         self._producer = producer
         self._states = states
+        self._absent_since: dict[str, float] = {}  # task ids the prefetch found without audio in S3
 
     def handle(self, message: Message) -> None:
         try:
@@ -73,15 +79,22 @@ class TaskProcessor:
             raise TransientError(str(exc)) from exc
 
     def prefetch(self, message: Message) -> None:
-        """Fetch the prompts of the task that comes next while the engine works on this one."""
+        """Check the audio and fetch the prompts of the task that comes next while the engine works
+        on this one, so neither S3 round trip waits in front of the engine."""
         task = TaskMessage.model_validate_json(message.value() or b"")
+        if not self._already_uploaded(task.task_uuid):
+            if len(self._absent_since) > 1000:
+                self._absent_since.clear()  # prefetched tasks this worker never handled (revoked)
+            self._absent_since[task.task_uuid] = time.monotonic()
         self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
         if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
             self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
 
     def _run(self, task: TaskMessage) -> ResultMessage:
         uuid = task.task_uuid
-        if self._already_uploaded(uuid):
+        absent_since = self._absent_since.pop(uuid, None)
+        checked = absent_since is not None and time.monotonic() - absent_since < ABSENCE_VALID_S
+        if not checked and self._already_uploaded(uuid):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
