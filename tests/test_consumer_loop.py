@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 
 from confluent_kafka import Message, TopicPartition
 
@@ -78,3 +79,63 @@ def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: 
         checker.close()
     per_partition = {p: sum(1 for q, _ in handled if q == p) for p in range(PARTITIONS)}
     assert {tp.partition: tp.offset for tp in committed} == per_partition
+
+
+def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again(infra: EmbeddedInfra) -> None:
+    topic = f"acks-{uuid.uuid4().hex[:8]}"
+    group = f"acks-group-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        _env_file=None,
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        kafka_task_topic=topic,
+        kafka_topic_partitions=1,
+    )
+    kafka.ensure_topics(settings)
+    producer = kafka.SyncProducer(settings)
+    for index in range(10):
+        producer.send(topic, f"task-{index}", str(index).encode())
+    producer.close()
+
+    failing_offset = 3
+    handled: list[int] = []
+    committed_when_handled_again: list[int] = []
+    stop = threading.Event()
+    checker = kafka.make_consumer(settings, group)
+
+    def committed_offset() -> int:
+        return int(checker.committed([TopicPartition(topic, 0)], timeout=10)[0].offset)
+
+    def handle(message: Message) -> Future[None]:
+        offset = int(message.offset() or 0)
+        if offset == failing_offset and offset in handled:
+            committed_when_handled_again.append(committed_offset())
+        handled.append(offset)
+        acknowledged: Future[None] = Future()
+
+        def acknowledge() -> None:
+            if offset == failing_offset and handled.count(offset) == 1:
+                acknowledged.set_exception(kafka.BrokerUnavailable("broker refused the message (test)"))
+            else:
+                acknowledged.set_result(None)
+
+        threading.Timer(0.05, acknowledge).start()  # the broker answers while the next one runs
+        if len(set(handled)) == 10 and handled.count(failing_offset) == 2:
+            stop.set()
+        return acknowledged
+
+    loop = PausingConsumerLoop(kafka.make_consumer(settings, group), topic, handle, stop, "test-acks")
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    runner.join(LOOP_TIMEOUT_S)
+    stop.set()
+    runner.join(30)
+    try:
+        assert not runner.is_alive()
+        assert handled.count(failing_offset) == 2, handled
+        # Later messages were handled before the failure was known, but nothing past the failed
+        # message was committed until it was handled again ...
+        assert committed_when_handled_again and committed_when_handled_again[0] <= failing_offset
+        # ... and everything is committed in the end (the stop waits for the last acknowledgements).
+        assert committed_offset() == 10
+    finally:
+        checker.close()

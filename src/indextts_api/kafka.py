@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from confluent_kafka import Consumer as _Consumer
@@ -158,48 +159,63 @@ def is_fatal(error: KafkaError) -> bool:
 
 
 class SyncProducer:
-    """An idempotent producer for worker threads: ``send`` returns once the broker acknowledged.
+    """An idempotent producer for worker threads: ``submit`` returns a future the broker's
+    acknowledgement completes, ``send`` waits for it.
 
-    After a fatal error (an idempotent producer fenced by a restarted broker, say) librdkafka's
-    producer is unusable for good, so a new one replaces it and the caller retries.
+    A thread serves librdkafka's delivery reports. After a fatal error (an idempotent producer
+    fenced by a restarted broker, say) librdkafka's producer is unusable for good, so that thread
+    replaces it with a new one and the caller retries.
     """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._lock = threading.Lock()
         self._producer = make_producer(settings)
+        self._broken: Producer | None = None  # set by a delivery report, replaced by the thread
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
+        self._thread.start()
 
-    def send(self, topic: str, key: str, value: bytes, timeout_s: float = 30.0) -> None:
-        """Produce one message and block until it is stored, or raise BrokerUnavailable."""
+    def submit(self, topic: str, key: str, value: bytes) -> Future[None]:
+        """Produce one message; the future completes once it is stored, or fails with BrokerUnavailable
+        (within the producer's message timeout, 15 s)."""
         producer = self._producer
-        outcome: list[KafkaError | None] = []
+        acknowledged: Future[None] = Future()
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
-            outcome.append(error)
+            if error is None:
+                acknowledged.set_result(None)
+                return
+            if is_fatal(error):
+                self._broken = producer
+            acknowledged.set_exception(BrokerUnavailable(f"broker refused message for {topic}: {error}"))
 
         try:
             producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
             raise BrokerUnavailable(f"cannot produce to {topic}: {exc}") from exc
-        producer.flush(timeout_s)
-        if not outcome:
-            raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s")
-        error = outcome[0]
-        if error is not None:
-            if is_fatal(error):
-                self._replace(producer, error)
-            raise BrokerUnavailable(f"broker refused message for {topic}: {error}")
+        return acknowledged
 
-    def _replace(self, broken: Producer, error: KafkaError) -> None:
-        with self._lock:
-            if self._producer is not broken:
-                return  # another thread already did
-            logger.warning("producer failed for good (%s); starting a new one", error)
-            self._producer = make_producer(self._settings)
-        broken.purge()
-        broken.close()
+    def send(self, topic: str, key: str, value: bytes, timeout_s: float = 30.0) -> None:
+        """Produce one message and block until it is stored, or raise BrokerUnavailable."""
+        try:
+            self.submit(topic, key, value).result(timeout=timeout_s)
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s") from exc
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            self._producer.poll(0.05)
+            broken = self._broken
+            if broken is not None and broken is self._producer:
+                logger.warning("producer failed for good; starting a new one")
+                self._producer = make_producer(self._settings)  # only this thread swaps them
+                broken.purge()
+                broken.poll(0)
+                broken.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
         remaining = self._producer.flush(timeout_s)
         if remaining:
             logger.error("%d messages were not acknowledged before shutdown", remaining)

@@ -33,6 +33,8 @@ POLL_INTERVAL_S = 0.1
 # Messages read ahead while the handler works, before the partitions are paused. They are this
 # worker's anyway (its partitions), uncommitted, and dropped on revoke for the new owner to read.
 MAX_HELD = 64
+# On stop, how long to wait for the broker to acknowledge what was handled before committing.
+STOP_ACK_WAIT_S = 20.0
 COMMIT_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -41,7 +43,13 @@ class TransientError(Exception):
     """The step could not complete now (broker or storage down): retry the same message later."""
 
 
-Handler = Callable[[Message], None]
+# A handler returns None when its effect is durable on return, or a future that completes when
+# it is (the TTS worker's result, once the broker acknowledged it): the loop goes on to the next
+# message meanwhile and commits in order, each offset only after its acknowledgement.
+Handler = Callable[[Message], "Future[None] | None"]
+Prefetch = Callable[[Message], None]
+_DURABLE: Future[None] = Future()
+_DURABLE.set_result(None)
 
 
 def position_of(message: Message, next_one: bool = False) -> TopicPartition:
@@ -143,7 +151,7 @@ class PausingConsumerLoop:
         handler: Handler,
         stop: threading.Event,
         role: str,
-        prefetch: Handler | None = None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self._consumer = consumer
         self._topic = topic
@@ -152,6 +160,7 @@ class PausingConsumerLoop:
         self._stop = stop
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
+        self._unacked: deque[tuple[Message, Future[None]]] = deque()  # handled, in order, not committed yet
         self._delivering: set[tuple[str, int]] = set()  # partitions that gave a message since assigned
         self._committer = OffsetCommitter(consumer, role)
         self._paused = False
@@ -172,6 +181,8 @@ class PausingConsumerLoop:
         self._delivering -= revoked
         # Held messages of those partitions belong to their new owner (nothing was committed).
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
+        # Handled but not acknowledged yet: not committed, so the new owner handles them again.
+        self._unacked = deque(item for item in self._unacked if (item[0].topic(), item[0].partition()) not in revoked)
 
     def run(self) -> None:
         self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -182,10 +193,12 @@ class PausingConsumerLoop:
                     continue
                 self._resume()
                 message = self._consumer.poll(POLL_INTERVAL_S)
+                self._settle()
                 if is_real_message(message, self._role):
                     assert message is not None
                     self._process(message)
         finally:
+            self._settle(wait_s=STOP_ACK_WAIT_S)
             self._executor.shutdown(wait=True)
             self._prefetcher.shutdown(wait=True)
             self._committer.flush(now=True, wait=True)
@@ -225,9 +238,18 @@ class PausingConsumerLoop:
         if len(self._held) < MAX_HELD // 2:
             self._resume()  # read ahead while this one runs (a no-op unless paused)
         self._prefetch_next()
+        acknowledged = self._handle(message)
+        if acknowledged is None:
+            return  # stopping: not committed, so it is redelivered
+        self._unacked.append((message, acknowledged))
+        self._settle()
+
+    def _handle(self, message: Message) -> Future[None] | None:
+        """Run the handler until it succeeds; what completes when its effect is durable, or None
+        when stopping."""
         failures = 0
         while True:
-            future: Future[None] = self._executor.submit(self._handler, message)
+            future: Future[Future[None] | None] = self._executor.submit(self._handler, message)
             while not future.done():
                 # Take what the broker has sent at once (the next task's prefetch then overlaps
                 # this one), then wake up the moment the handler is done (a blocking poll would
@@ -235,14 +257,40 @@ class PausingConsumerLoop:
                 self._poll_while_busy(timeout_s=0)
                 wait([future], timeout=POLL_INTERVAL_S)
             try:
-                future.result()
+                return future.result() or _DURABLE
             except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message
                 if not self._wait_before_retry(message, exc, failures):
-                    return  # stopping: not committed, so it is redelivered
+                    return None
                 failures += 1
+
+    def _settle(self, wait_s: float = 0.0) -> None:
+        """Commit handled messages whose effect the broker acknowledged, oldest first; one whose
+        acknowledgement failed is handled again before anything after it is committed."""
+        while self._unacked:
+            message, acknowledged = self._unacked[0]
+            if not acknowledged.done():
+                wait([acknowledged], timeout=wait_s)
+                if not acknowledged.done():
+                    return
+            error = acknowledged.exception()
+            if error is not None:
+                if self._stop.is_set():
+                    return  # neither it nor what follows is committed: all are redelivered
+                logger.warning(
+                    "%s: the effect of %s[%s]@%s was not stored (%s); handling it again",
+                    self._role,
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    error,
+                )
+                again = self._handle(message)
+                if again is None:
+                    return
+                self._unacked[0] = (message, again)
                 continue
+            self._unacked.popleft()
             self._commit(message)
-            return
 
     def _wait_before_retry(self, message: Message, exc: Exception, failures: int) -> bool:
         delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]

@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,14 @@ class TaskProcessor:
         self._states = states
         self._absent_since: dict[str, float] = {}  # task ids the prefetch found without audio in S3
 
-    def handle(self, message: Message) -> None:
+    def handle(self, message: Message) -> Future[None] | None:
+        """Synthesize one task and produce its result; returns the broker's acknowledgement to come
+        (the loop commits the task once it arrives, and meanwhile starts the next synthesis)."""
         try:
             task = TaskMessage.model_validate_json(message.value() or b"")
         except ValidationError as exc:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
-            return
+            return None
         with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
             started_at = time.time()
             with self._states.stage_if_slow(
@@ -70,7 +73,7 @@ class TaskProcessor:
                 result = self._run(task)
             result.started_at = started_at
         try:
-            self._producer.send(
+            return self._producer.submit(
                 self._settings.kafka_result_topic,
                 task.task_uuid,
                 result.model_dump_json(exclude_none=True).encode(),
