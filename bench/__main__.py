@@ -75,19 +75,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engines = {threads: BareEngine(threads) for threads in sorted({d.threads_per_engine for d in DEPLOYMENTS})}
             for engine in engines.values():
                 stack.callback(engine.close)
-            baselines: dict[int, EngineBaseline] = {}
+            results["engine"] = {}
             for threads, engine in engines.items():
-                print(f"engine alone, {threads} thread(s): this process, same voice, same texts ...", flush=True)
+                print(f"engine alone, {threads} thread(s): this process, same voice ...", flush=True)
                 lone = measure_engine(engine, [ONE_SENTENCE], repeats=15)
-                batch = measure_engine(engine, backlog, repeats=1)
-                baselines[threads] = EngineBaseline({**batch.seconds_per_text, **lone.seconds_per_text})
-            results["engine"] = {
-                str(threads): {
-                    "one_sentence_ms": 1000 * baseline.seconds_per_text[ONE_SENTENCE],
-                    "backlog_tasks_per_s": baseline.rate(backlog),
-                }
-                for threads, baseline in baselines.items()
-            }
+                results["engine"][str(threads)] = {"one_sentence_ms": 1000 * lone.seconds_per_text[ONE_SENTENCE]}
 
             print(f"accept rate: wrk, 32 connections, {args.accept_seconds} s ...", flush=True)
             with service_role(work_dir, infra, "api", "api-only", KAFKA_TASK_TOPIC=ACCEPT_TOPIC) as api:
@@ -99,8 +91,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for deployment in DEPLOYMENTS:
                 print(f"service: {deployment.label} ...", flush=True)
                 threads = deployment.threads_per_engine
-                # An engine per worker: the raw rate of the deployment is that of its engines side by side.
-                baseline = baselines[threads].times(deployment.tts_workers)
+                # The engine alone on the backlog's texts right before and right after this service
+                # runs (not while it idles beside it), so both sides of the ratio see the same machine.
+                engine_before = measure_engine(engines[threads], backlog, repeats=1)
                 figures: dict[str, Any] = {"label": deployment.label, "threads_per_engine": threads}
                 with service_role(
                     work_dir,
@@ -119,9 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             measure_overhead(service, receiver, engines[threads], args.overhead_tasks)
                         )
                     cpu_before = cpu_seconds(processes)
-                    drain = measure_drain(service, receiver, baseline, backlog)
+                    drain = measure_drain(service, receiver, backlog)
                     cpu_after = cpu_seconds(processes)
-                    figures["drain"] = {**dataclasses.asdict(drain), "efficiency": drain.efficiency}
                     figures["processes"] = {
                         name: {
                             "rss_mib": now,
@@ -130,6 +122,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                         for name, (now, peak) in resident_memory(processes).items()
                     }
+                engine_after = measure_engine(engines[threads], backlog, repeats=1)
+                # An engine per worker: the raw rate of the deployment is that of its engines side by side.
+                raw = EngineBaseline.around(engine_before, engine_after).times(deployment.tts_workers)
+                figures["drain"] = {
+                    **dataclasses.asdict(drain),
+                    "engine_tasks_per_s": raw.rate(backlog),
+                    "engine_before_tasks_per_s": engine_before.times(deployment.tts_workers).rate(backlog),
+                    "engine_after_tasks_per_s": engine_after.times(deployment.tts_workers).rate(backlog),
+                    "efficiency": drain.efficiency(raw, backlog),
+                }
                 results["deployments"][deployment.key] = figures
     return results
 

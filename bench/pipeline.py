@@ -47,6 +47,15 @@ class EngineBaseline:
     def times(self, engines: int) -> EngineBaseline:
         return EngineBaseline(self.seconds_per_text, engines)
 
+    @staticmethod
+    def around(before: EngineBaseline, after: EngineBaseline) -> EngineBaseline:
+        """The engine measured just before and just after a service ran: the mean time per text,
+        so a machine that got faster or slower meanwhile moves both sides of the ratio alike."""
+        return EngineBaseline(
+            {text: (seconds + after.seconds_per_text[text]) / 2 for text, seconds in before.seconds_per_text.items()},
+            before.engines,
+        )
+
 
 class BareEngine:
     """The engine alone, in this process: the figure every pipeline figure is compared with."""
@@ -134,14 +143,13 @@ class DrainFigures:
     tasks: int
     seconds: float
     tasks_per_s: float
-    engine_tasks_per_s: float
 
-    @property
-    def efficiency(self) -> float:
-        return self.tasks_per_s / self.engine_tasks_per_s
+    def efficiency(self, engine: EngineBaseline, texts: list[str]) -> float:
+        """Drain rate over the engine's raw rate on the same texts."""
+        return self.tasks_per_s / engine.rate(texts)
 
 
-def measure_drain(role: Role, receiver: WebhookReceiver, baseline: EngineBaseline, texts: list[str]) -> DrainFigures:
+def measure_drain(role: Role, receiver: WebhookReceiver, texts: list[str]) -> DrainFigures:
     """Submit ``texts`` as fast as the API takes them, then wait for every webhook."""
     path = f"/drain-{time.time_ns()}"
     with httpx.Client(base_url=role.base_url, auth=role.auth, timeout=30) as client:
@@ -155,7 +163,7 @@ def measure_drain(role: Role, receiver: WebhookReceiver, baseline: EngineBaselin
                 raise RuntimeError(f"task failed: {hook.payload}")
             arrivals.append(hook.received_at)
     seconds = max(arrivals) - started
-    return DrainFigures(len(texts), seconds, len(texts) / seconds, baseline.rate(texts))
+    return DrainFigures(len(texts), seconds, len(texts) / seconds)
 
 
 def _status_kib(pid: int, field: str) -> int:
