@@ -46,7 +46,7 @@ class Deployment:
     @property
     def threads_per_engine(self) -> int:
         """What each TTS worker of this deployment runs with (the service's own rule)."""
-        settings = Settings(_env_file=None, tts_workers=self.tts_workers, piper_threads=self.piper_threads)
+        settings = Settings(_env_file=None, tts_workers=self.tts_workers, piper_threads=self.piper_threads)  # type: ignore[call-arg]
         threads: int = settings.piper_threads_per_engine
         return threads
 
