@@ -151,6 +151,10 @@ class EmbeddedInfra:
         self.children.clear()
 
 
+# sun_path is 108 bytes on Linux; a longer data directory keeps SeaweedFS's default socket path.
+UNIX_SOCKET_PATH_MAX = 100
+
+
 def _start_seaweedfs(infra: EmbeddedInfra, port: int, buckets: list[str]) -> ChildProcess:
     data = infra.data_dir / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
@@ -170,6 +174,11 @@ def _start_seaweedfs(infra: EmbeddedInfra, port: int, buckets: list[str]) -> Chi
             "admin.port.grpc",
         )
     }
+    # SeaweedFS leaves a unix socket per start in /tmp and writes its log files to the temporary
+    # directory: keep both under its own data directory (a socket path must stay short).
+    scratch = data / "tmp"
+    scratch.mkdir(exist_ok=True)
+    sockets = {"s3.localSocket": scratch / "s3.sock", "filer.localSocket": scratch / "filer.sock"}
     argv = [
         _bundled_executable("weed"),
         "mini",
@@ -184,10 +193,12 @@ def _start_seaweedfs(infra: EmbeddedInfra, port: int, buckets: list[str]) -> Chi
         "-s3.port.lance=0",
         *(f"-{name}={value}" for name, value in internal.items()),
         f"-bucket={','.join(buckets)}",
+        *(f"-{name}={path}" for name, path in sockets.items() if len(str(path)) < UNIX_SOCKET_PATH_MAX),
     ]
     env = child_env(
         {
             "HOME": str(data),
+            "TMPDIR": str(scratch),
             "AWS_ACCESS_KEY_ID": infra.credentials.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": infra.credentials.s3_secret_key,
         }
