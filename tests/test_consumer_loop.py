@@ -19,20 +19,25 @@ PARTITIONS = 4
 LOOP_TIMEOUT_S = 60
 
 
-def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: EmbeddedInfra) -> None:
+def backlog_topic(infra: EmbeddedInfra, partitions: int, messages: int) -> tuple[Settings, str, str]:
+    """A new topic holding ``messages`` messages, and a new consumer group: (settings, topic, group)."""
     topic = f"loop-{uuid.uuid4().hex[:8]}"
-    group = f"loop-group-{uuid.uuid4().hex[:8]}"
     settings = Settings(
         _env_file=None,
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
         kafka_task_topic=topic,
-        kafka_topic_partitions=PARTITIONS,
+        kafka_topic_partitions=partitions,
     )
     kafka.ensure_topics(settings)
     producer = kafka.SyncProducer(settings)
-    for index in range(BACKLOG):
+    for index in range(messages):
         producer.send(topic, f"task-{index}", str(index).encode())
     producer.close()
+    return settings, topic, f"{topic}-group"
+
+
+def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: EmbeddedInfra) -> None:
+    settings, topic, group = backlog_topic(infra, PARTITIONS, BACKLOG)
 
     handled: list[tuple[int, int]] = []  # (partition, offset) in handling order
     prefetched: set[tuple[int, int]] = set()
@@ -82,19 +87,7 @@ def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: 
 
 
 def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again(infra: EmbeddedInfra) -> None:
-    topic = f"acks-{uuid.uuid4().hex[:8]}"
-    group = f"acks-group-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        _env_file=None,
-        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
-        kafka_task_topic=topic,
-        kafka_topic_partitions=1,
-    )
-    kafka.ensure_topics(settings)
-    producer = kafka.SyncProducer(settings)
-    for index in range(10):
-        producer.send(topic, f"task-{index}", str(index).encode())
-    producer.close()
+    settings, topic, group = backlog_topic(infra, partitions=1, messages=10)
 
     failing_offset = 3
     handled: list[int] = []

@@ -46,7 +46,7 @@ class TransientError(Exception):
 # A handler returns None when its effect is durable on return, or a future that completes when
 # it is (the TTS worker's result, once the broker acknowledged it): the loop goes on to the next
 # message meanwhile and commits in order, each offset only after its acknowledgement.
-Handler = Callable[[Message], "Future[None] | None"]
+Handler = Callable[[Message], Future[None] | None]
 Prefetch = Callable[[Message], None]
 _DURABLE: Future[None] = Future()
 _DURABLE.set_result(None)
