@@ -132,3 +132,41 @@ def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again
         assert committed_offset() == 10
     finally:
         checker.close()
+
+
+def test_nothing_of_a_partition_revoked_mid_task_is_committed(infra: EmbeddedInfra) -> None:
+    """The loop's own revoke callback, called while a task runs (as librdkafka would call it from a
+    poll): the task and the earlier one still waiting for its acknowledgement belong to the new
+    owner now, so neither may be committed, even when both succeed afterwards."""
+    settings, topic, group = backlog_topic(infra, partitions=1, messages=3)
+    stop = threading.Event()
+    consumer = kafka.make_consumer(settings, group)
+    first_acknowledged: Future[None] = Future()
+    handled: list[int] = []
+    loop: PausingConsumerLoop
+
+    def handle(message: Message) -> Future[None] | None:
+        offset = int(message.offset() or 0)
+        handled.append(offset)
+        if offset == 0:
+            return first_acknowledged  # the broker has not stored its result yet
+        loop._on_revoke(consumer, [TopicPartition(topic, 0)])  # the partition moves meanwhile
+        threading.Timer(0.1, first_acknowledged.set_result, (None,)).start()
+        stop.set()
+        return None  # this task's effect is durable: yet it is no longer this worker's to commit
+
+    loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-revoke")
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    runner.join(LOOP_TIMEOUT_S)
+    stop.set()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert handled == [0, 1]
+
+    checker = kafka.make_consumer(settings, group)
+    try:
+        committed = checker.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        checker.close()
+    assert committed < 0, f"offset {committed} committed for a revoked partition"

@@ -161,6 +161,8 @@ class PausingConsumerLoop:
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
         self._unacked: deque[tuple[Message, Future[None]]] = deque()  # handled, in order, not committed yet
+        self._current: Message | None = None  # the message the handler works on
+        self._current_revoked = False  # its partition was revoked meanwhile: never commit it
         self._delivering: set[tuple[str, int]] = set()  # partitions that gave a message since assigned
         self._committer = OffsetCommitter(consumer, role)
         self._paused = False
@@ -181,7 +183,12 @@ class PausingConsumerLoop:
         self._delivering -= revoked
         # Held messages of those partitions belong to their new owner (nothing was committed).
         self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
-        # Handled but not acknowledged yet: not committed, so the new owner handles them again.
+        # Being handled, or handled and not acknowledged yet: never committed by this worker, even
+        # if the partition comes back (that commit would pass over the messages before it, which
+        # the new owner may not have handled).
+        current = self._current
+        if current is not None and (current.topic(), current.partition()) in revoked:
+            self._current_revoked = True
         self._unacked = deque(item for item in self._unacked if (item[0].topic(), item[0].partition()) not in revoked)
 
     def run(self) -> None:
@@ -240,13 +247,21 @@ class PausingConsumerLoop:
         self._prefetch_next()
         acknowledged = self._handle(message)
         if acknowledged is None:
-            return  # stopping: not committed, so it is redelivered
+            return  # stopping, or revoked meanwhile: not committed, so it is redelivered
         self._unacked.append((message, acknowledged))
         self._settle()
 
     def _handle(self, message: Message) -> Future[None] | None:
         """Run the handler until it succeeds; what completes when its effect is durable, or None
-        when stopping."""
+        when stopping or when the message's partition was revoked meanwhile."""
+        self._current, self._current_revoked = message, False
+        try:
+            acknowledged = self._handle_until_done(message)
+            return None if self._current_revoked else acknowledged
+        finally:
+            self._current = None
+
+    def _handle_until_done(self, message: Message) -> Future[None] | None:
         failures = 0
         while True:
             future: Future[Future[None] | None] = self._executor.submit(self._handler, message)
@@ -286,7 +301,9 @@ class PausingConsumerLoop:
                 )
                 again = self._handle(message)
                 if again is None:
-                    return
+                    if self._stop.is_set():
+                        return
+                    continue  # revoked meanwhile: the revoke took it out of the queue
                 self._unacked[0] = (message, again)
                 continue
             self._unacked.popleft()
@@ -306,10 +323,10 @@ class PausingConsumerLoop:
         )
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
-            if self._stop.is_set():
+            if self._stop.is_set() or self._current_revoked:
                 return False
             self._poll_while_busy()
-        return not self._stop.is_set()
+        return not self._stop.is_set() and not self._current_revoked
 
     def _prefetch_quietly(self, message: Message) -> None:
         assert self._prefetch is not None
