@@ -158,27 +158,62 @@ def is_fatal(error: KafkaError) -> bool:
     return bool(error.fatal()) or error.code() == KafkaError.PRODUCER_FENCED
 
 
-class SyncProducer:
-    """An idempotent producer for worker threads: ``submit`` returns a future the broker's
-    acknowledgement completes, ``send`` waits for it.
+class _ServedProducer:
+    """One librdkafka producer and the thread that serves its delivery reports.
 
-    A thread serves librdkafka's delivery reports. After a fatal error (an idempotent producer
-    fenced by a restarted broker, say) librdkafka's producer is unusable for good, so that thread
-    replaces it with a new one and the caller retries.
+    After a fatal error (an idempotent producer fenced by a restarted broker, say) librdkafka's
+    producer is unusable for good: a delivery report says so with ``mark_broken``, and this thread
+    replaces it with a new one (the messages it failed have been reported as failed already).
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._producer = make_producer(settings)
-        self._broken: Producer | None = None  # set by a delivery report, replaced by the thread
+    def __init__(self, name: str, make: Callable[[], Producer]) -> None:
+        self._make = make
+        self.producer = make()
+        self._broken: Producer | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"kafka-{name}", daemon=True)
         self._thread.start()
+
+    def mark_broken(self, producer: Producer) -> None:
+        """Called from a delivery report: ``producer`` failed for good (a no-op once replaced)."""
+        self._broken = producer
+
+    def after_poll(self) -> None:
+        """Run by the serving thread after each poll (and on close)."""
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            self.producer.poll(0.05)
+            self.after_poll()
+            broken = self._broken
+            if broken is not None and broken is self.producer:
+                self.producer = self._make()  # only this thread swaps them
+                logger.warning("producer failed for good; started a new one")
+                broken.purge()
+                broken.poll(0)
+                broken.close()
+
+    def close(self, timeout_s: float) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        remaining = self.producer.flush(timeout_s)
+        self.after_poll()
+        if remaining:
+            logger.error("%d messages were not acknowledged before shutdown", remaining)
+        self.producer.close()
+
+
+class SyncProducer:
+    """An idempotent producer for worker threads: ``submit`` returns a future the broker's
+    acknowledgement completes, ``send`` waits for it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._served = _ServedProducer("producer", lambda: make_producer(settings))
 
     def submit(self, topic: str, key: str, value: bytes) -> Future[None]:
         """Produce one message; the future completes once it is stored, or fails with BrokerUnavailable
         (within the producer's message timeout, 15 s)."""
-        producer = self._producer
+        producer = self._served.producer
         acknowledged: Future[None] = Future()
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
@@ -186,7 +221,7 @@ class SyncProducer:
                 acknowledged.set_result(None)
                 return
             if is_fatal(error):
-                self._broken = producer
+                self._served.mark_broken(producer)
             acknowledged.set_exception(BrokerUnavailable(f"broker refused message for {topic}: {error}"))
 
         try:
@@ -202,24 +237,8 @@ class SyncProducer:
         except TimeoutError as exc:
             raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s") from exc
 
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            self._producer.poll(0.05)
-            broken = self._broken
-            if broken is not None and broken is self._producer:
-                logger.warning("producer failed for good; starting a new one")
-                self._producer = make_producer(self._settings)  # only this thread swaps them
-                broken.purge()
-                broken.poll(0)
-                broken.close()
-
     def close(self, timeout_s: float = 10.0) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=5)
-        remaining = self._producer.flush(timeout_s)
-        if remaining:
-            logger.error("%d messages were not acknowledged before shutdown", remaining)
-        self._producer.close()
+        self._served.close(timeout_s)
 
 
 class PartitionSpreader:
@@ -251,51 +270,24 @@ class PartitionSpreader:
         return partition
 
 
-class _Lane:
-    """One librdkafka producer with a thread that serves its delivery reports, replaced by a new
-    one after a fatal error (the requests it failed have answered 503 already)."""
+class _Lane(_ServedProducer):
+    """A served producer whose delivery verdicts reach the event loop in one wake-up per poll."""
 
     def __init__(self, name: str, make: Callable[[], Producer]) -> None:
-        self._make = make
-        self.producer = make()
-        # Verdicts collected during one poll, handed to the event loop in one wake-up.
+        # Verdicts collected during one poll, handed to the event loop together.
         self._verdicts: list[tuple[asyncio.Future[None], KafkaError | None]] = []
-        self.broken = threading.Event()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"kafka-{name}", daemon=True)
-        self._thread.start()
+        super().__init__(name, make)
 
     def report(self, future: asyncio.Future[None], error: KafkaError | None) -> None:
         """Called by librdkafka's delivery callback, on the thread that polls."""
         self._verdicts.append((future, error))
 
-    def _hand_over(self) -> None:
+    def after_poll(self) -> None:
         if not self._verdicts:
             return
         verdicts, self._verdicts = self._verdicts, []
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             verdicts[0][0].get_loop().call_soon_threadsafe(_settle_all, verdicts)
-
-    def _serve(self) -> None:
-        while not self._stopping.is_set():
-            self.producer.poll(0.05)
-            self._hand_over()
-            if self.broken.is_set():
-                broken, self.producer = self.producer, self._make()  # only this thread swaps them
-                self.broken.clear()
-                logger.warning("producer failed for good; started a new one")
-                broken.purge()
-                broken.poll(0)
-                broken.close()
-
-    def close(self, timeout_s: float) -> None:
-        self._stopping.set()
-        self._thread.join(timeout=5)
-        remaining = self.producer.flush(timeout_s)
-        self._hand_over()
-        if remaining:
-            logger.error("%d messages were not acknowledged before shutdown", remaining)
-        self.producer.close()
 
 
 class AsyncProducer:
@@ -346,14 +338,15 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
         lane = self._batch if self._waiting else self._express
+        producer = lane.producer
 
         def on_delivery(error: KafkaError | None, _message: Message) -> None:
             if error is not None and is_fatal(error):
-                lane.broken.set()
+                lane.mark_broken(producer)
             lane.report(delivered, error)
 
         try:
-            lane.producer.produce(
+            producer.produce(
                 topic, key=key.encode(), value=value, partition=self._spreader.next(topic), on_delivery=on_delivery
             )
         except BufferError as exc:
