@@ -24,15 +24,16 @@ from indextts_api.workers.consumer import (
     POLL_INTERVAL_S,
     RETRY_BACKOFF_S,
     OffsetCommitter,
+    PartitionKey,
     TransientError,
     is_real_message,
+    partition_of,
     position_of,
     restart_fetching,
 )
 
 logger = logging.getLogger(__name__)
 
-PartitionKey = tuple[str, int]
 Handler = Callable[[Message], None]
 
 
@@ -119,7 +120,7 @@ class ConcurrentConsumerLoop:
             logger.info("%s stopped", self._role)
 
     def _start(self, message: Message) -> None:
-        key = (str(message.topic()), int(message.partition() or 0))
+        key = partition_of(message)
         with self._lock:
             self._progress.setdefault(key, _PartitionProgress()).in_flight.append(int(message.offset() or 0))
             self._running += 1
@@ -158,7 +159,7 @@ class ConcurrentConsumerLoop:
                     raise
 
     def _finished(self, message: Message, future: Future[None]) -> None:
-        key = (str(message.topic()), int(message.partition() or 0))
+        key = partition_of(message)
         with self._lock:
             self._running -= 1
             if future.exception() is None and key in self._progress:

@@ -52,6 +52,14 @@ _DURABLE: Future[None] = Future()
 _DURABLE.set_result(None)
 
 
+PartitionKey = tuple[str, int]
+
+
+def partition_of(message: Message) -> PartitionKey:
+    """(topic, partition) of a consumed message."""
+    return str(message.topic()), int(message.partition() or 0)
+
+
 def position_of(message: Message, next_one: bool = False) -> TopicPartition:
     """The message's own offset (to rewind to it) or the one after it (to commit it)."""
     topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -60,7 +68,7 @@ def position_of(message: Message, next_one: bool = False) -> TopicPartition:
 
 
 def restart_fetching(
-    consumer: Consumer, partitions: list[TopicPartition], role: str, delivering: set[tuple[str, int]]
+    consumer: Consumer, partitions: list[TopicPartition], role: str, delivering: set[PartitionKey]
 ) -> None:
     """Resume ``partitions`` and make librdkafka fetch at once.
 
@@ -112,7 +120,7 @@ class OffsetCommitter:
     def __init__(self, consumer: Consumer, role: str) -> None:
         self._consumer = consumer
         self._role = role
-        self._pending: dict[tuple[str, int], int] = {}  # (topic, partition) -> next offset to read
+        self._pending: dict[PartitionKey, int] = {}  # (topic, partition) -> next offset to read
         self._last_sent = 0.0
 
     def mark(self, topic: str, partition: int, next_offset: int) -> None:
@@ -163,7 +171,7 @@ class PausingConsumerLoop:
         self._unacked: deque[tuple[Message, Future[None]]] = deque()  # handled, in order, not committed yet
         self._current: Message | None = None  # the message the handler works on
         self._current_revoked = False  # its partition was revoked meanwhile: never commit it
-        self._delivering: set[tuple[str, int]] = set()  # partitions that gave a message since assigned
+        self._delivering: set[PartitionKey] = set()  # partitions that gave a message since assigned
         self._committer = OffsetCommitter(consumer, role)
         self._paused = False
         self._prefetched: Message | None = None  # the last message given to ``prefetch``
@@ -182,14 +190,14 @@ class PausingConsumerLoop:
         revoked = {(p.topic, p.partition) for p in partitions}
         self._delivering -= revoked
         # Held messages of those partitions belong to their new owner (nothing was committed).
-        self._held = deque(m for m in self._held if (m.topic(), m.partition()) not in revoked)
+        self._held = deque(m for m in self._held if partition_of(m) not in revoked)
         # Being handled, or handled and not acknowledged yet: never committed by this worker, even
         # if the partition comes back (that commit would pass over the messages before it, which
         # the new owner may not have handled).
         current = self._current
-        if current is not None and (current.topic(), current.partition()) in revoked:
+        if current is not None and partition_of(current) in revoked:
             self._current_revoked = True
-        self._unacked = deque(item for item in self._unacked if (item[0].topic(), item[0].partition()) not in revoked)
+        self._unacked = deque(item for item in self._unacked if partition_of(item[0]) not in revoked)
 
     def run(self) -> None:
         self._consumer.subscribe([self._topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -228,7 +236,7 @@ class PausingConsumerLoop:
         for message in self._consumer.consume(num_messages=room, timeout=timeout_s):
             if not is_real_message(message, self._role):
                 continue
-            self._delivering.add((str(message.topic()), int(message.partition() or 0)))
+            self._delivering.add(partition_of(message))
             self._held.append(message)
         self._prefetch_next()
         if len(self._held) >= MAX_HELD:
@@ -241,7 +249,7 @@ class PausingConsumerLoop:
         self._prefetcher.submit(self._prefetch_quietly, self._prefetched)
 
     def _process(self, message: Message) -> None:
-        self._delivering.add((str(message.topic()), int(message.partition() or 0)))
+        self._delivering.add(partition_of(message))
         if len(self._held) < MAX_HELD // 2:
             self._resume()  # read ahead while this one runs (a no-op unless paused)
         self._prefetch_next()

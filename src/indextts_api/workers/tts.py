@@ -55,7 +55,8 @@ class TaskProcessor:
         self._store = store
         self._producer = producer
         self._states = states
-        self._absent_since: dict[str, float] = {}  # task ids the prefetch found without audio in S3
+        # The next task, as the prefetch found it: no audio in S3 yet (task id, when checked).
+        self._checked_absent: tuple[str, float] | None = None
 
     def handle(self, message: Message) -> Future[None] | None:
         """Synthesize one task and produce its result; returns the broker's acknowledgement to come
@@ -86,18 +87,16 @@ class TaskProcessor:
         on this one, so neither S3 round trip waits in front of the engine."""
         task = TaskMessage.model_validate_json(message.value() or b"")
         if not self._already_uploaded(task.task_uuid):
-            if len(self._absent_since) > 1000:
-                self._absent_since.clear()  # prefetched tasks this worker never handled (revoked)
-            self._absent_since[task.task_uuid] = time.monotonic()
+            self._checked_absent = (task.task_uuid, time.monotonic())
         self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
         if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
             self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
 
     def _run(self, task: TaskMessage) -> ResultMessage:
         uuid = task.task_uuid
-        absent_since = self._absent_since.pop(uuid, None)
-        checked = absent_since is not None and time.monotonic() - absent_since < ABSENCE_VALID_S
-        if not checked and self._already_uploaded(uuid):
+        checked = self._checked_absent
+        recently_absent = checked is not None and checked[0] == uuid and time.monotonic() - checked[1] < ABSENCE_VALID_S
+        if not recently_absent and self._already_uploaded(uuid):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
