@@ -36,6 +36,26 @@ def backlog_topic(infra: EmbeddedInfra, partitions: int, messages: int) -> tuple
     return settings, topic, f"{topic}-group"
 
 
+def run_until_stopped(loop: PausingConsumerLoop, stop: threading.Event) -> bool:
+    """Run ``loop`` until its handler sets ``stop`` (at most LOOP_TIMEOUT_S); whether it then exited."""
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    runner.join(LOOP_TIMEOUT_S)
+    stop.set()
+    runner.join(30)
+    return not runner.is_alive()
+
+
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offset of each partition, read by a new consumer of the group."""
+    checker = kafka.make_consumer(settings, group)
+    try:
+        committed = checker.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        checker.close()
+    return {tp.partition: tp.offset for tp in committed}
+
+
 def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: EmbeddedInfra) -> None:
     settings, topic, group = backlog_topic(infra, PARTITIONS, BACKLOG)
 
@@ -60,12 +80,7 @@ def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: 
         prefetched.add(where(message))
 
     loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-loop", prefetch=prefetch)
-    runner = threading.Thread(target=loop.run)
-    runner.start()
-    runner.join(LOOP_TIMEOUT_S)
-    stop.set()
-    runner.join(10)
-    assert not runner.is_alive()
+    assert run_until_stopped(loop, stop)
 
     assert len(handled) == BACKLOG == len(set(handled)), "every message handled exactly once"
     for partition in range(PARTITIONS):
@@ -77,13 +92,8 @@ def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: 
     assert len(prefetched & set(handled)) >= BACKLOG - PARTITIONS
 
     # What was handled is committed: a new consumer of the group would start at the end.
-    checker = kafka.make_consumer(settings, group)
-    try:
-        committed = checker.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
-    finally:
-        checker.close()
     per_partition = {p: sum(1 for q, _ in handled if q == p) for p in range(PARTITIONS)}
-    assert {tp.partition: tp.offset for tp in committed} == per_partition
+    assert committed_offsets(settings, group, topic, PARTITIONS) == per_partition
 
 
 def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again(infra: EmbeddedInfra) -> None:
@@ -117,13 +127,8 @@ def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again
         return acknowledged
 
     loop = PausingConsumerLoop(kafka.make_consumer(settings, group), topic, handle, stop, "test-acks")
-    runner = threading.Thread(target=loop.run)
-    runner.start()
-    runner.join(LOOP_TIMEOUT_S)
-    stop.set()
-    runner.join(30)
     try:
-        assert not runner.is_alive()
+        assert run_until_stopped(loop, stop)
         assert handled.count(failing_offset) == 2, handled
         # Later messages were handled before the failure was known, but nothing past the failed
         # message was committed until it was handled again ...
@@ -156,17 +161,8 @@ def test_nothing_of_a_partition_revoked_mid_task_is_committed(infra: EmbeddedInf
         return None  # this task's effect is durable: yet it is no longer this worker's to commit
 
     loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-revoke")
-    runner = threading.Thread(target=loop.run)
-    runner.start()
-    runner.join(LOOP_TIMEOUT_S)
-    stop.set()
-    runner.join(30)
-    assert not runner.is_alive()
+    assert run_until_stopped(loop, stop)
     assert handled == [0, 1]
 
-    checker = kafka.make_consumer(settings, group)
-    try:
-        committed = checker.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
-    finally:
-        checker.close()
+    committed = committed_offsets(settings, group, topic, 1)[0]
     assert committed < 0, f"offset {committed} committed for a revoked partition"
