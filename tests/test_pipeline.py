@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import soundfile
 
+from indextts_api.config import Settings
 from indextts_api.devtools import WebhookReceiver
+from indextts_api.ids import new_task_uuid
+from indextts_api.infra.embedded import EmbeddedInfra
+from indextts_api.kafka import SyncProducer
+from indextts_api.schemas import TaskMessage, TaskParams
+from indextts_api.storage import audio_key, make_s3_client
 from tests.conftest import FileServer, Service, speech_like_wav
 
 TEXT = "Hello, this is a test of text-to-speech generation. It should last more than a second."
@@ -112,3 +119,33 @@ def test_spool_and_downloads_are_cleaned_up(
     leftovers = [p.name for p in spool.iterdir() if task_uuid in p.name]
     assert leftovers == []
     assert list((service.data_dir / "prompt-cache").glob("download-*")) == []
+
+
+def test_redelivered_task_whose_audio_is_stored_is_not_synthesized_again(
+    service: Service, infra: EmbeddedInfra, receiver: WebhookReceiver
+) -> None:
+    """A task message for audio that is already in S3 (what a worker finds after another worker
+    stored the audio and died before committing) is answered with the stored audio, untouched."""
+    settings = Settings(_env_file=None, **{name.lower(): value for name, value in infra.settings_env().items()})  # type: ignore[arg-type]
+    task_uuid = new_task_uuid(settings.task_id_key)
+    stored = io.BytesIO()
+    soundfile.write(stored, np.zeros(2205, dtype=np.int16), 22050, format="WAV", subtype="PCM_16")
+    s3 = make_s3_client(settings)
+    s3.put_object(Bucket=settings.bucket, Key=audio_key(settings, task_uuid), Body=stored.getvalue())
+    task = TaskMessage(
+        task_uuid=task_uuid,
+        spk_audio_prompt="example.wav",
+        text=TEXT,
+        hook_url=receiver.url("/redelivered"),
+        params=TaskParams(),
+        timestamp=time.time(),
+    )
+    producer = SyncProducer(settings)
+    try:
+        producer.send(settings.kafka_task_topic, task_uuid, task.model_dump_json().encode())
+    finally:
+        producer.close()
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    assert hook.payload["status"] == "success", hook.payload
+    _, _, response = fetch_wav(hook.payload["s3_url"])
+    assert response.content == stored.getvalue(), "the stored audio was replaced by a new synthesis"
