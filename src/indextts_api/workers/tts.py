@@ -174,7 +174,10 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         max_redirects=settings.prompt_max_redirects,
         allow_private=settings.private_urls_allowed,
     )
-    producer = kafka.SyncProducer(settings)
+    # Results need no idempotent producer: a result duplicated by a produce retry is one more
+    # redelivery, which at-least-once handling already absorbs (same S3 key; a repeated webhook is
+    # allowed). It saves the broker a write per task, on every task's path.
+    producer = kafka.SyncProducer(settings, idempotent=False)
     store = AudioStore(settings, s3)
     states = TaskStateStore(settings, store)
     heartbeat = Heartbeat(
