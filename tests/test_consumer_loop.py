@@ -12,7 +12,7 @@ from confluent_kafka import Message, TopicPartition
 from indextts_api import kafka
 from indextts_api.config import Settings
 from indextts_api.infra.embedded import EmbeddedInfra
-from indextts_api.workers.consumer import PausingConsumerLoop
+from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop
 
 BACKLOG = 40
 PARTITIONS = 4
@@ -166,3 +166,29 @@ def test_nothing_of_a_partition_revoked_mid_task_is_committed(infra: EmbeddedInf
 
     committed = committed_offsets(settings, group, topic, 1)[0]
     assert committed < 0, f"offset {committed} committed for a revoked partition"
+
+
+def test_tenure_tells_tasks_queued_while_assigned_from_possible_redeliveries(infra: EmbeddedInfra) -> None:
+    """Messages queued before the loop got the partition may be redeliveries; those queued after
+    it are its own; after the partitions are revoked nothing counts as its own."""
+    settings, topic, group = backlog_topic(infra, PARTITIONS, 4)  # task-0..3, queued before it joins
+    tenure = PartitionTenure(margin_s=0)
+    verdicts: dict[str, bool] = {}
+    last: list[Message] = []
+    stop = threading.Event()
+
+    def handle(message: Message) -> None:
+        verdicts[(message.key() or b"").decode()] = tenure.produced_during(message)
+        last[:] = [message]
+        if len(verdicts) == 4:
+            producer = kafka.SyncProducer(settings)
+            for index in range(4):
+                producer.send(topic, f"new-{index}", b"queued while assigned")
+            producer.close()
+        if len(verdicts) == 8:
+            stop.set()
+
+    loop = PausingConsumerLoop(kafka.make_consumer(settings, group), topic, handle, stop, "tenure-test", tenure=tenure)
+    assert run_until_stopped(loop, stop), "the loop did not stop"
+    assert verdicts == {**{f"task-{i}": False for i in range(4)}, **{f"new-{i}": True for i in range(4)}}
+    assert not tenure.produced_during(last[0]), "the partition was given up on close"

@@ -15,7 +15,7 @@ from indextts_api.config import Settings
 from indextts_api.devtools import WebhookReceiver
 from indextts_api.ids import new_task_uuid
 from indextts_api.infra.embedded import EmbeddedInfra
-from indextts_api.kafka import SyncProducer
+from indextts_api.kafka import make_producer
 from indextts_api.schemas import TaskMessage, TaskParams
 from indextts_api.storage import audio_key, make_s3_client
 from tests.conftest import FileServer, Service, speech_like_wav
@@ -121,31 +121,81 @@ def test_spool_and_downloads_are_cleaned_up(
     assert list((service.data_dir / "prompt-cache").glob("download-*")) == []
 
 
-def test_redelivered_task_whose_audio_is_stored_is_not_synthesized_again(
-    service: Service, infra: EmbeddedInfra, receiver: WebhookReceiver
-) -> None:
-    """A task message for audio that is already in S3 (what a worker finds after another worker
-    stored the audio and died before committing) is answered with the stored audio, untouched."""
-    settings = Settings(_env_file=None, **{name.lower(): value for name, value in infra.settings_env().items()})  # type: ignore[arg-type]
-    task_uuid = new_task_uuid(settings.task_id_key)
+def broker_settings(infra: EmbeddedInfra) -> Settings:
+    return Settings(_env_file=None, **{name.lower(): value for name, value in infra.settings_env().items()})  # type: ignore[arg-type]
+
+
+def store_audio(settings: Settings, task_uuid: str) -> bytes:
+    """Put a short WAV where the task's audio goes; returns its bytes."""
     stored = io.BytesIO()
     soundfile.write(stored, np.zeros(2205, dtype=np.int16), 22050, format="WAV", subtype="PCM_16")
-    s3 = make_s3_client(settings)
-    s3.put_object(Bucket=settings.bucket, Key=audio_key(settings, task_uuid), Body=stored.getvalue())
+    make_s3_client(settings).put_object(
+        Bucket=settings.bucket, Key=audio_key(settings, task_uuid), Body=stored.getvalue()
+    )
+    return stored.getvalue()
+
+
+def queue_task(settings: Settings, receiver: WebhookReceiver, task_uuid: str, queued_at: float) -> None:
+    """Put a task on the task topic stamped ``queued_at``, straight to the broker as the API would."""
     task = TaskMessage(
         task_uuid=task_uuid,
         spk_audio_prompt="example.wav",
         text=TEXT,
-        hook_url=receiver.url("/redelivered"),
+        hook_url=receiver.url("/direct"),
         params=TaskParams(),
-        timestamp=time.time(),
+        timestamp=queued_at,
     )
-    producer = SyncProducer(settings)
-    try:
-        producer.send(settings.kafka_task_topic, task_uuid, task.model_dump_json().encode())
-    finally:
-        producer.close()
+    producer = make_producer(settings)
+    producer.produce(
+        settings.kafka_task_topic,
+        key=task_uuid.encode(),
+        value=task.model_dump_json().encode(),
+        timestamp=int(queued_at * 1000),
+    )
+    assert producer.flush(30) == 0
+
+
+def test_redelivered_task_whose_audio_is_stored_is_not_synthesized_again(
+    service: Service, infra: EmbeddedInfra, receiver: WebhookReceiver
+) -> None:
+    """A task queued before the worker got its partition may have been handled by the previous
+    owner, which stored the audio and died before committing: the stored audio is the answer."""
+    settings = broker_settings(infra)
+    task_uuid = new_task_uuid(settings.task_id_key)
+    stored = store_audio(settings, task_uuid)
+    queue_task(settings, receiver, task_uuid, queued_at=time.time() - 3600)
     [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
     assert hook.payload["status"] == "success", hook.payload
     _, _, response = fetch_wav(hook.payload["s3_url"])
-    assert response.content == stored.getvalue(), "the stored audio was replaced by a new synthesis"
+    assert response.content == stored, "the stored audio was replaced by a new synthesis"
+
+
+def test_task_queued_while_the_worker_holds_its_partition_is_synthesized_without_a_check(
+    service: Service, infra: EmbeddedInfra, receiver: WebhookReceiver
+) -> None:
+    """No other worker can have handled a task queued well after this worker got its partition, so
+    the worker does not ask S3 first (here the object put there beforehand shows it: it is replaced)."""
+    settings = broker_settings(infra)
+    task_uuid = new_task_uuid(settings.task_id_key)
+    stored = store_audio(settings, task_uuid)
+    queue_task(settings, receiver, task_uuid, queued_at=time.time() + 600)
+    [hook] = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    assert hook.payload["status"] == "success", hook.payload
+    audio, sample_rate, response = fetch_wav(hook.payload["s3_url"])
+    assert response.content != stored
+    assert_speech(audio, sample_rate, min_seconds=1.0)
+
+
+def test_a_task_handled_again_by_the_same_worker_is_checked_against_s3(
+    service: Service, infra: EmbeddedInfra, receiver: WebhookReceiver
+) -> None:
+    """The same task twice on a worker's own watch (a retried produce, a result whose fate was
+    unknown): the second time the worker finds the audio in S3 and does not synthesize it again."""
+    settings = broker_settings(infra)
+    task_uuid = new_task_uuid(settings.task_id_key)
+    queue_task(settings, receiver, task_uuid, queued_at=time.time() + 600)
+    receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S)
+    queue_task(settings, receiver, task_uuid, queued_at=time.time() + 600)
+    hooks = receiver.wait_for(task_uuid, WEBHOOK_TIMEOUT_S, count=2)
+    assert [hook.payload["status"] for hook in hooks] == ["success", "success"]
+    assert f"task {task_uuid} already has its audio in S3" in service.process.log_tail(200_000)

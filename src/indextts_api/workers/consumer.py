@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 
 from indextts_api.kafka import Consumer
 
@@ -37,6 +37,10 @@ MAX_HELD = 64
 STOP_ACK_WAIT_S = 20.0
 COMMIT_INTERVAL_S = 1.0
 RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# A message counts as produced while this worker held its partition only if its timestamp is this
+# much later than the assignment: more than the clock difference between NTP-synchronized hosts,
+# and than the time a replaced owner may go on fetching before it notices (a session, 6 s).
+TENURE_MARGIN_S = 30.0
 
 
 class TransientError(Exception):
@@ -107,6 +111,36 @@ def is_real_message(message: Message | None, role: str) -> bool:
     return False
 
 
+class PartitionTenure:
+    """Since when this worker holds each of its partitions.
+
+    A message produced well after this worker got its partition (by the message's timestamp) was
+    never fetched by a previous owner: only this worker can have handled it. Anything older, and
+    any message without a timestamp, may be a redelivery.
+    """
+
+    def __init__(self, margin_s: float = TENURE_MARGIN_S) -> None:
+        self._margin_s = margin_s
+        self._since: dict[PartitionKey, float] = {}
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        now = time.time()
+        for partition in partitions:
+            self._since[(partition.topic, partition.partition)] = now
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        for partition in partitions:
+            self._since.pop((partition.topic, partition.partition), None)
+
+    def produced_during(self, message: Message) -> bool:
+        """Whether ``message`` was produced while this worker held its partition (see above)."""
+        since = self._since.get(partition_of(message))
+        kind, stamp_ms = message.timestamp()
+        if since is None or kind == TIMESTAMP_NOT_AVAILABLE or stamp_ms <= 0:
+            return False
+        return stamp_ms / 1000 > since + self._margin_s
+
+
 class OffsetCommitter:
     """Finished offsets on their way to the broker, for both consumer loops.
 
@@ -160,11 +194,13 @@ class PausingConsumerLoop:
         stop: threading.Event,
         role: str,
         prefetch: Prefetch | None = None,
+        tenure: PartitionTenure | None = None,
     ) -> None:
         self._consumer = consumer
         self._topic = topic
         self._handler = handler
         self._prefetch = prefetch
+        self._tenure = tenure or PartitionTenure()  # kept up to date for the handler
         self._stop = stop
         self._role = role
         self._held: deque[Message] = deque()  # received, not handled yet, in order
@@ -180,12 +216,14 @@ class PausingConsumerLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s assigned %s", self._role, [p.partition for p in partitions])
+        self._tenure.assigned(partitions)
         if self._paused and partitions:
             # Cooperative rebalancing adds partitions while we work: they must wait too.
             consumer.pause(partitions)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         logger.info("%s revoked %s", self._role, [p.partition for p in partitions])
+        self._tenure.revoked(partitions)
         self._committer.flush(now=True, wait=True)  # what we finished stays finished for the new owner
         revoked = {(p.topic, p.partition) for p in partitions}
         self._delivering -= revoked

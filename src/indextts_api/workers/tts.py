@@ -24,7 +24,7 @@ from indextts_api.schemas import ResultMessage, TaskMessage, now
 from indextts_api.spool import Spool, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
-from indextts_api.workers.consumer import PausingConsumerLoop, TransientError
+from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop, TransientError
 from indextts_api.workers.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # worker handling the same task at the same moment (a redelivery during a rebalance) could store
 # it meanwhile, and a repeated synthesis is what at-least-once delivery allows anyway.
 ABSENCE_VALID_S = 30.0
+# Task ids this worker started, remembered so that a second handling here (a retry, a result the
+# broker may or may not have stored) checks S3 first; more than the tasks it holds at any time.
+REMEMBERED_TASKS = 4096
 
 
 class TaskProcessor:
@@ -47,6 +50,7 @@ class TaskProcessor:
         store: AudioStore,
         producer: kafka.SyncProducer,
         states: TaskStateStore,
+        tenure: PartitionTenure,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -55,8 +59,10 @@ class TaskProcessor:
         self._store = store
         self._producer = producer
         self._states = states
+        self._tenure = tenure
         # The next task, as the prefetch found it: no audio in S3 yet (task id, when checked).
         self._checked_absent: tuple[str, float] | None = None
+        self._started: dict[str, None] = {}  # task ids handled here, oldest first
 
     def handle(self, message: Message) -> Future[None] | None:
         """Synthesize one task and produce its result; returns the broker's acknowledgement to come
@@ -66,12 +72,14 @@ class TaskProcessor:
         except ValidationError as exc:
             kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
             return None
+        may_be_stored = self._may_be_stored(message, task.task_uuid)
+        self._remember(task.task_uuid)
         with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
             started_at = time.time()
             with self._states.stage_if_slow(
                 task.task_uuid, "processing", {"started_at": started_at, "engine": self._engine.name}
             ):
-                result = self._run(task)
+                result = self._run(task, may_be_stored)
             result.started_at = started_at
         try:
             return self._producer.submit(
@@ -86,17 +94,28 @@ class TaskProcessor:
         """Check the audio and fetch the prompts of the task that comes next while the engine works
         on this one, so neither S3 round trip waits in front of the engine."""
         task = TaskMessage.model_validate_json(message.value() or b"")
-        if not self._already_uploaded(task.task_uuid):
+        if self._may_be_stored(message, task.task_uuid) and not self._already_uploaded(task.task_uuid):
             self._checked_absent = (task.task_uuid, time.monotonic())
         self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
         if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
             self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
 
-    def _run(self, task: TaskMessage) -> ResultMessage:
+    def _may_be_stored(self, message: Message, uuid: str) -> bool:
+        """Whether another handling may have stored this task's audio: a redelivery (the message
+        is older than this worker's hold on its partition) or a second handling here. A task
+        queued while this worker held its partition needs no S3 round trip before synthesis."""
+        return uuid in self._started or not self._tenure.produced_during(message)
+
+    def _remember(self, uuid: str) -> None:
+        self._started[uuid] = None
+        if len(self._started) > REMEMBERED_TASKS:
+            del self._started[next(iter(self._started))]
+
+    def _run(self, task: TaskMessage, may_be_stored: bool) -> ResultMessage:
         uuid = task.task_uuid
         checked = self._checked_absent
         recently_absent = checked is not None and checked[0] == uuid and time.monotonic() - checked[1] < ABSENCE_VALID_S
-        if not recently_absent and self._already_uploaded(uuid):
+        if may_be_stored and not recently_absent and self._already_uploaded(uuid):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
@@ -184,6 +203,7 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         settings, s3, store.bucket, {"role": "tts-worker", "engine": engine.name, "model_version": engine.model_version}
     ).start()
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
+    tenure = PartitionTenure()
     processor = TaskProcessor(
         settings,
         engine,
@@ -192,11 +212,18 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         store,
         producer,
         states,
+        tenure,
     )
     consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
     try:
         PausingConsumerLoop(
-            consumer, settings.kafka_task_topic, processor.handle, stop, "tts-worker", prefetch=processor.prefetch
+            consumer,
+            settings.kafka_task_topic,
+            processor.handle,
+            stop,
+            "tts-worker",
+            prefetch=processor.prefetch,
+            tenure=tenure,
         ).run()
     finally:
         heartbeat.stop()
