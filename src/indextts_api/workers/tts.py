@@ -29,10 +29,11 @@ from indextts_api.workers.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
-# How long a prefetch's "no audio in S3 yet" stands in for the check before synthesis. Only a
-# worker handling the same task at the same moment (a redelivery during a rebalance) could store
-# it meanwhile, and a repeated synthesis is what at-least-once delivery allows anyway.
-ABSENCE_VALID_S = 30.0
+# How long the prefetch's answer to "is this task's audio in S3?" stands in for the check before
+# synthesis. Only a worker handling the same task at the same moment (a redelivery during a
+# rebalance) could store it meanwhile, and a repeated synthesis is what at-least-once delivery
+# allows anyway.
+PREFETCHED_CHECK_VALID_S = 30.0
 # Task ids this worker started, remembered so that a second handling here (a retry, a result the
 # broker may or may not have stored) checks S3 first; more than the tasks it holds at any time.
 REMEMBERED_TASKS = 4096
@@ -60,8 +61,11 @@ class TaskProcessor:
         self._producer = producer
         self._states = states
         self._tenure = tenure
-        # The next task, as the prefetch found it: no audio in S3 yet (task id, when checked).
-        self._checked_absent: tuple[str, float] | None = None
+        # What the prefetch found: task id -> (audio in S3?, when checked); each answer is used
+        # once, by the task's first handling here. Keyed, not one slot: the next task's prefetch
+        # may finish before this task's handling reads its answer.
+        self._prefetched_checks: dict[str, tuple[bool, float]] = {}
+        self._checks_lock = threading.Lock()
         self._started: dict[str, None] = {}  # task ids handled here, oldest first
 
     def handle(self, message: Message) -> Future[None] | None:
@@ -94,8 +98,16 @@ class TaskProcessor:
         """Check the audio and fetch the prompts of the task that comes next while the engine works
         on this one, so neither S3 round trip waits in front of the engine."""
         task = TaskMessage.model_validate_json(message.value() or b"")
-        if self._may_be_stored(message, task.task_uuid) and not self._already_uploaded(task.task_uuid):
-            self._checked_absent = (task.task_uuid, time.monotonic())
+        if self._may_be_stored(message, task.task_uuid):
+            stored = self._already_uploaded(task.task_uuid)
+            checked_at = time.monotonic()
+            with self._checks_lock:
+                self._prefetched_checks = {
+                    uuid: check
+                    for uuid, check in self._prefetched_checks.items()
+                    if checked_at - check[1] < PREFETCHED_CHECK_VALID_S  # unused: the task went to another worker
+                }
+                self._prefetched_checks[task.task_uuid] = (stored, checked_at)
         self._fetcher.fetch(task.spk_audio_prompt, "spk_audio_prompt")
         if task.params.emo_control_method == 1 and task.params.emo_audio_prompt:
             self._fetcher.fetch(task.params.emo_audio_prompt, "emo_audio_prompt")
@@ -111,11 +123,17 @@ class TaskProcessor:
         if len(self._started) > REMEMBERED_TASKS:
             del self._started[next(iter(self._started))]
 
+    def _audio_stored(self, uuid: str) -> bool:
+        """Whether the task's audio is in S3: the prefetch's answer if it has a recent one, else a HEAD."""
+        with self._checks_lock:
+            check = self._prefetched_checks.pop(uuid, None)
+        if check is not None and time.monotonic() - check[1] < PREFETCHED_CHECK_VALID_S:
+            return check[0]
+        return self._already_uploaded(uuid)
+
     def _run(self, task: TaskMessage, may_be_stored: bool) -> ResultMessage:
         uuid = task.task_uuid
-        checked = self._checked_absent
-        recently_absent = checked is not None and checked[0] == uuid and time.monotonic() - checked[1] < ABSENCE_VALID_S
-        if may_be_stored and not recently_absent and self._already_uploaded(uuid):
+        if may_be_stored and self._audio_stored(uuid):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
