@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import (
@@ -70,14 +71,24 @@ def process_exited(pid: int) -> None:
 
 
 class LagMonitor:
-    """Consumer lag per topic and group (high watermark minus committed offset), refreshed in the
-    background so that a scrape costs nothing. Standard Kafka APIs; brokers that under-report
+    """Consumer lag per topic and group (high watermark minus committed offset), measured in the
+    background while someone reads /metrics. Standard Kafka APIs; brokers that under-report
     watermarks (Tansu, see DESIGN.md) show less lag than there is.
+
+    A measurement asks the broker for every partition's watermarks and committed offsets (96
+    partitions by default: on the embedded Tansu about 200 object-store LISTs and 100 GETs, whose
+    cost grows with the topics' history). So it runs only while /metrics is scraped: each scrape
+    (``wanted``) asks for a figure at most LAG_INTERVAL_S old, and with no scrape for
+    IDLE_AFTER_INTERVALS intervals the broker is left alone. A scrape never waits for the broker,
+    except the first one, which waits up to FIRST_WAIT_S so that the family is there at once.
 
     Committed offsets are read with a consumer of each group that never subscribes (an OffsetFetch,
     no group membership). librdkafka's admin ListConsumerGroupOffsets aborted the process with an
     internal assertion while the broker was down, so it is not used.
     """
+
+    IDLE_AFTER_INTERVALS = 4
+    FIRST_WAIT_S = 5.0
 
     def __init__(self, settings: Settings) -> None:
         from indextts_api.kafka import client_config
@@ -93,22 +104,45 @@ class LagMonitor:
             group: Consumer({**client_config(settings), "group.id": group, "enable.auto.commit": False})
             for group in {group for _, group in self._pairs}
         }
-        self._measured = False
+        self._wanted_at: float | None = None  # monotonic time of the last scrape
+        self._measured_at: float | None = None  # monotonic time the last measurement began
+        self._measured = threading.Event()  # set once a first measurement is done
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lag-monitor", daemon=True)
+        self.measurements = 0  # how many times the broker was asked (tests, logs)
 
     def start(self) -> LagMonitor:
         self._thread.start()
         return self
 
+    def wanted(self) -> None:
+        """A scrape: keep the figures fresh from now on; the first scrape waits for a first figure."""
+        now = time.monotonic()
+        self._wanted_at = now
+        if self._measured_at is None or now - self._measured_at >= self._settings.lag_interval_s:
+            self._wake.set()
+        if not self._measured.is_set():
+            self._measured.wait(self.FIRST_WAIT_S)
+
     def _run(self) -> None:
-        while not self._stop.wait(self._settings.lag_interval_s if self._measured else 1.0):
+        interval = self._settings.lag_interval_s
+        while not self._stop.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            now = time.monotonic()
+            if self._wanted_at is None or now - self._wanted_at > self.IDLE_AFTER_INTERVALS * interval:
+                continue  # nobody reads the figures
+            self._measured_at = now
+            self.measurements += 1
             for topic, group in self._pairs:
                 try:
                     CONSUMER_LAG.labels(topic, group).set(self.lag(topic, group))
                 except (KafkaException, RuntimeError, ValueError, KeyError) as exc:
                     logger.debug("lag of %s/%s unavailable: %s", group, topic, exc)
-            self._measured = True
+            self._measured.set()
 
     def lag(self, topic: str, group: str) -> int:
         reader = self._readers[group]
@@ -122,6 +156,7 @@ class LagMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=20)
         for reader in self._readers.values():
             reader.close()

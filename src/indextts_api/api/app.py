@@ -15,8 +15,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indextts_api import __version__
+from indextts_api.api.deps import make_services
 from indextts_api.api.health import HealthChecker
-from indextts_api.api.routes import router
+from indextts_api.api.routes import add_routes
 from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
@@ -125,18 +126,21 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.producer = AsyncProducer(settings)
-        app.state.prompt_check = LocalPromptCheck(settings.prompt_dir)
-        app.state.health = HealthChecker(settings)
-        app.state.task_states = TaskStateStore(settings, AudioStore(settings, make_s3_client(settings)))
-        lag = LagMonitor(settings).start()
+        services = make_services(
+            settings,
+            producer=AsyncProducer(settings),
+            prompt_check=LocalPromptCheck(settings.prompt_dir),
+            health=HealthChecker(settings),
+            task_states=TaskStateStore(settings, AudioStore(settings, make_s3_client(settings))),
+            lag=LagMonitor(settings).start(),
+        )
+        app.state.services = services
         try:
             yield
         finally:
-            lag.stop()
-            app.state.task_states.close()
-            app.state.producer.close()
+            services.lag.stop()
+            services.task_states.close()
+            services.producer.close()
 
     app = FastAPI(
         title="IndexTTS API",
@@ -147,7 +151,7 @@ def create_app(settings: Settings) -> FastAPI:
         # a provider lookup per request.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    app.include_router(router)
+    add_routes(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
