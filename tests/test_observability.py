@@ -73,6 +73,16 @@ def test_status_agrees_with_the_webhook_the_moment_it_arrives(api: httpx.Client,
     assert state["status"] == hook.payload["status"] == "success"
     assert state["created_at"] <= state["started_at"] <= state["finished_at"]
     assert state["timings"]["synthesis_s"] > 0
+    # That record is the audio object's metadata, stored by the upload itself (no write of its own).
+    _, _, response = fetch_wav(hook.payload["s3_url"])
+    recorded = json.loads(response.headers["x-amz-meta-indextts-outcome"])
+    assert recorded["status"] == "success" and recorded["timings"]["synthesis_s"] == state["timings"]["synthesis_s"]
+    # The upload's duration comes with the delivery record, written right after the webhook.
+    deadline = time.monotonic() + 10
+    while state["webhook"]["attempts"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        state = api.get(f"/tasks/{task_uuid}").json()
+    assert state["webhook"]["delivered"] is True and state["timings"]["upload_s"] > 0
 
 
 def test_failed_task_shows_its_error(api: httpx.Client, receiver: WebhookReceiver, file_server: FileServer) -> None:

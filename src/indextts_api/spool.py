@@ -75,16 +75,16 @@ class Spool:
             raise SpoolError(f"spool object {uri} is outside the staging prefix")
         return parts.netloc, key
 
-    def transfer(self, uri: str, store: AudioStore, key: str) -> None:
-        """Put the spooled audio at ``key`` in the audio bucket."""
+    def transfer(self, uri: str, store: AudioStore, key: str, metadata: dict[str, str] | None = None) -> None:
+        """Put the spooled audio at ``key`` in the audio bucket, with user ``metadata``."""
         if uri.startswith("file:"):
             path = self._local_path(uri)
             if not path.is_file():
                 raise SpoolError(f"spool file {path} is missing (another host's spool, or already removed)")
-            store.upload_file(path, key)
+            store.upload_file(path, key, metadata)
         elif uri.startswith("s3:"):
             bucket, staging_key = self._staging_key(uri)
-            store.copy_from(bucket, staging_key, key)
+            store.copy_from(bucket, staging_key, key, metadata)
         else:
             raise SpoolError(f"unknown spool URI {uri!r}")
 

@@ -80,32 +80,40 @@ class AudioStore:
             logger.info("creating bucket %s", self.bucket)
             self.client.create_bucket(Bucket=self.bucket)
 
-    def upload_file(self, path: Path, key: str) -> None:
+    def upload_file(self, path: Path, key: str, metadata: dict[str, str] | None = None) -> None:
+        """Store the audio at ``key``, with user ``metadata`` (x-amz-meta-*) if given."""
+        extra = {"ContentType": AUDIO_CONTENT_TYPE, "Metadata": metadata or {}}
         if path.stat().st_size <= SINGLE_PUT_MAX_BYTES:
             # One PUT: boto3's upload_file starts a transfer manager and its threads for every
             # file, which cost more than the upload itself for a few seconds of speech.
             with path.open("rb") as body:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=AUDIO_CONTENT_TYPE)
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
             return
-        self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"ContentType": AUDIO_CONTENT_TYPE})
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
 
-    def copy_from(self, source_bucket: str, source_key: str, key: str) -> None:
+    def copy_from(self, source_bucket: str, source_key: str, key: str, metadata: dict[str, str] | None = None) -> None:
         self.client.copy_object(
             Bucket=self.bucket,
             Key=key,
             CopySource={"Bucket": source_bucket, "Key": source_key},
             ContentType=AUDIO_CONTENT_TYPE,
+            Metadata=metadata or {},
             MetadataDirective="REPLACE",
         )
 
-    def exists(self, key: str) -> bool:
+    def metadata(self, key: str) -> dict[str, str] | None:
+        """The object's user metadata, or None if there is no object at ``key``."""
         try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
+                return None
             raise
-        return True
+        found: dict[str, str] = head.get("Metadata") or {}
+        return found
+
+    def exists(self, key: str) -> bool:
+        return self.metadata(key) is not None
 
     def url_for(self, key: str) -> str:
         """The URL sent in the webhook: presigned for private buckets, else the spec's public URL."""

@@ -5,7 +5,9 @@ and it scales with the workers (writes happen at the rate tasks are processed, n
 Each stage has its own object (``tasks/<id>/processing.json``, ``uploading.json``, ``result.json``,
 ``webhook.json``), written by the one role that owns that stage, so writers on different hosts
 never overwrite each other and no write can move a task backwards: the status is the latest stage
-present. "queued" needs no write at all: a task id is signed (see ``ids``), so an id we issued with
+present. A success is recorded on the audio object itself, as its user metadata, by the PUT that
+stores it: one storage write less on every task's way to its webhook (``result.json`` is written for
+failures only). "queued" needs no write at all: a task id is signed (see ``ids``), so an id we issued with
 no stage recorded yet is a queued task.
 """
 
@@ -34,6 +36,13 @@ Stage = Literal["processing", "uploading", "result", "webhook"]
 STAGE_WRITE_DELAY_S = 0.25
 STAGES: tuple[Stage, ...] = ("processing", "uploading", "result", "webhook")
 TaskStatus = Literal["queued", "processing", "uploading", "success", "failed"]
+# The audio object's user metadata (x-amz-meta-indextts-outcome) holding a success's outcome document.
+OUTCOME_METADATA_KEY = "indextts-outcome"
+
+
+def outcome_metadata(document: dict[str, Any]) -> dict[str, str]:
+    """A success's outcome document as user metadata of its audio object (ASCII JSON: HTTP headers)."""
+    return {OUTCOME_METADATA_KEY: json.dumps({**document, "updated_at": time.time()}, separators=(",", ":"))}
 
 
 class WebhookRecord(BaseModel):
@@ -121,6 +130,12 @@ class TaskStateStore:
         listing = self._client.list_objects_v2(Bucket=self._store.bucket, Prefix=f"{self._prefix}/{task_uuid}/")
         present = {item["Key"].rsplit("/", 1)[-1].removesuffix(".json") for item in listing.get("Contents", [])}
         documents = {stage: self._read_stage(task_uuid, stage) for stage in STAGES if stage in present}
+        if (documents.get("result") or {}).get("status") != "success":
+            # A success is recorded on the audio itself (see the module docstring); it outranks a
+            # failure recorded before (a redelivery that succeeded after all).
+            stored = self._stored_outcome(task_uuid)
+            if stored is not None:
+                documents["result"] = stored
         created_at = issued_at(task_uuid, id_secret)
         if not any(documents.values()):
             return (
@@ -144,7 +159,23 @@ class TaskStateStore:
                 task.s3_url = self._store.url_for(result["s3_key"])
         if webhook := documents.get("webhook"):
             task.webhook = WebhookRecord.model_validate(webhook)
+            # The upload's duration is known only after the PUT that recorded the outcome: the
+            # delivery record carries it.
+            if task.timings.upload_s is None:
+                task.timings.upload_s = webhook.get("upload_s")
         return task
+
+    def _stored_outcome(self, task_uuid: str) -> dict[str, Any] | None:
+        """The outcome recorded on the task's audio object, if it is stored."""
+        key = self._store.key_for(task_uuid)
+        metadata = self._store.metadata(key)
+        if metadata is None:
+            return None
+        try:
+            document: dict[str, Any] = json.loads(metadata[OUTCOME_METADATA_KEY])
+        except (KeyError, ValueError):
+            document = {}  # stored by an older version, or by hand: the audio is there all the same
+        return {**document, "status": "success", "s3_key": key}
 
     def _write_if_open(self, task_uuid: str, stage: Stage, document: dict[str, Any]) -> None:
         with contextlib.suppress(RuntimeError):  # the worker is shutting down: the record is informational

@@ -50,16 +50,19 @@ class WebhookMessage(BaseModel):
     attempts: int  # attempts made so far
     due_at: float
     last_error: str | None = None
+    upload_s: float | None = None  # carried into each attempt's delivery record (see webhook_document)
 
 
-def webhook_document(attempts: int, delivery: Delivery) -> dict[str, object]:
-    """The webhook's delivery record as GET /tasks shows it."""
+def webhook_document(attempts: int, delivery: Delivery, upload_s: float | None = None) -> dict[str, object]:
+    """The webhook's delivery record as GET /tasks shows it; it also carries the upload's duration,
+    known only once the upload (which recorded the outcome) is done."""
     return {
         "attempts": attempts,
         "delivered": delivery.delivered,
         "last_status_code": delivery.status_code,
         "last_error": delivery.error,
         "last_attempt_at": time.time(),
+        "upload_s": upload_s,
     }
 
 
@@ -102,6 +105,7 @@ def schedule_retry(
     payload: WebhookPayload,
     attempts: int,
     error: str | None,
+    upload_s: float | None = None,
 ) -> bool:
     """Durably schedule the next attempt after ``attempts`` failed ones; False when none is left."""
     delays = settings.webhook_retry_delays_s
@@ -109,7 +113,12 @@ def schedule_retry(
         return False
     delay = delays[attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
     pending = WebhookMessage(
-        hook_url=url, payload=payload, attempts=attempts, due_at=time.time() + delay, last_error=error
+        hook_url=url,
+        payload=payload,
+        attempts=attempts,
+        due_at=time.time() + delay,
+        last_error=error,
+        upload_s=upload_s,
     )
     producer.send(settings.webhook_retry_topics[attempts - 1], payload.task_uuid, pending.model_dump_json().encode())
     logger.warning(
@@ -151,14 +160,14 @@ class WebhookRetrier:
     def _retry(self, message: Message, pending: WebhookMessage, attempt: int) -> None:
         uuid = pending.payload.task_uuid
         delivery = attempt_delivery(self._client, self._settings, pending.hook_url, pending.payload)
-        self._states.write_async(uuid, "webhook", webhook_document(attempt, delivery))
+        self._states.write_async(uuid, "webhook", webhook_document(attempt, delivery, pending.upload_s))
         if delivery.delivered:
             WEBHOOK_DELIVERIES.labels("delivered", str(attempt)).inc()
             logger.info("task %s webhook delivered on attempt %d", uuid, attempt)
             return
         WEBHOOK_DELIVERIES.labels("failed", str(attempt)).inc()
         if not schedule_retry(
-            self._producer, self._settings, pending.hook_url, pending.payload, attempt, delivery.error
+            self._producer, self._settings, pending.hook_url, pending.payload, attempt, delivery.error, pending.upload_s
         ):
             reason = f"webhook not delivered after {attempt} attempts; last error: {delivery.error}"
             WEBHOOK_DELIVERIES.labels("dead_lettered", str(attempt)).inc()

@@ -24,7 +24,7 @@ from indextts_api.metrics import TASKS_FINISHED, TASKS_IN_FLIGHT, UPLOAD_SECONDS
 from indextts_api.schemas import ResultMessage, WebhookPayload
 from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
-from indextts_api.tasks import TaskStateStore
+from indextts_api.tasks import TaskStateStore, outcome_metadata
 from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry, webhook_document
 from indextts_api.workers.concurrent import ConcurrentConsumerLoop
 from indextts_api.workers.consumer import TransientError
@@ -61,18 +61,20 @@ class ResultProcessor:
     def _finish(self, message: Message, result: ResultMessage) -> None:
         uuid = result.task_uuid
         started = time.monotonic()
+        # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
+        # on receiving its webhook sees the same outcome. A success is recorded by the upload
+        # itself (the audio object's metadata), a failure by its own document.
         with self._states.stage_if_slow(uuid, "uploading", {"uploading_at": time.time()}):
             payload = self._payload(result)
         upload_s = round(time.monotonic() - started, 4) if result.status == "success" else None
-        # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
-        # on receiving its webhook sees the same outcome.
-        try:
-            self._states.write(uuid, "result", _result_document(result, payload, self._store, upload_s))
-        except Exception as exc:
-            raise TransientError(f"could not record the outcome: {exc}") from exc
+        if payload.status == "failed":
+            try:
+                self._states.write(uuid, "result", _outcome_document(result, payload, self._store))
+            except Exception as exc:
+                raise TransientError(f"could not record the outcome: {exc}") from exc
         delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
         WEBHOOK_DELIVERIES.labels("delivered" if delivery.delivered else "failed", "1").inc()
-        self._states.write_async(uuid, "webhook", webhook_document(1, delivery))
+        self._states.write_async(uuid, "webhook", webhook_document(1, delivery, upload_s))
         TASKS_FINISHED.labels(payload.status).inc()
         latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
@@ -80,7 +82,9 @@ class ResultProcessor:
             return
         # The offset is committed only once the retry is stored: a restart forgets nothing.
         try:
-            scheduled = schedule_retry(self._producer, self._settings, result.hook_url, payload, 1, delivery.error)
+            scheduled = schedule_retry(
+                self._producer, self._settings, result.hook_url, payload, 1, delivery.error, upload_s
+            )
         except kafka.BrokerUnavailable as exc:
             raise TransientError(f"could not schedule the webhook retry: {exc}") from exc
         if not scheduled:
@@ -96,10 +100,14 @@ class ResultProcessor:
                 error_message=result.error_message or "synthesis failed",
             )
         key = self._store.key_for(result.task_uuid)
+        success = WebhookPayload(
+            task_uuid=result.task_uuid, status="success", timestamp=stamp, s3_url=self._store.url_for(key)
+        )
         started = time.monotonic()
         try:
             if result.audio:
-                self._spool.transfer(result.audio, self._store, key)
+                outcome = outcome_metadata(_outcome_document(result, success, self._store))
+                self._spool.transfer(result.audio, self._store, key, outcome)
             elif not self._store.exists(key):
                 raise SpoolError("result carries no audio and none is stored")
         except SpoolError as exc:
@@ -120,9 +128,7 @@ class ResultProcessor:
         if result.audio:
             self._spool.discard(result.audio)  # S3 has it now; a redelivery finds it there
         logger.info("task %s uploaded %s in %.3f s", result.task_uuid, key, time.monotonic() - started)
-        return WebhookPayload(
-            task_uuid=result.task_uuid, status="success", timestamp=stamp, s3_url=self._store.url_for(key)
-        )
+        return success
 
     def _exists(self, key: str) -> bool:
         try:
@@ -131,9 +137,8 @@ class ResultProcessor:
             raise TransientError(f"S3 unavailable: {exc}") from exc
 
 
-def _result_document(
-    result: ResultMessage, payload: WebhookPayload, store: AudioStore, upload_s: float | None
-) -> dict[str, object]:
+def _outcome_document(result: ResultMessage, payload: WebhookPayload, store: AudioStore) -> dict[str, object]:
+    """What GET /tasks shows of the outcome (the upload's duration comes with the delivery record)."""
     return {
         "status": payload.status,
         "started_at": result.started_at,
@@ -141,12 +146,7 @@ def _result_document(
         "error_message": payload.error_message,
         "s3_key": store.key_for(result.task_uuid) if payload.status == "success" else None,
         "engine": result.engine,
-        "timings": {
-            "fetch_s": result.fetch_s,
-            "synthesis_s": result.synthesis_s,
-            "audio_s": result.audio_s,
-            "upload_s": upload_s,
-        },
+        "timings": {"fetch_s": result.fetch_s, "synthesis_s": result.synthesis_s, "audio_s": result.audio_s},
     }
 
 
