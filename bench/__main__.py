@@ -110,10 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     processes = service_processes(
                         {"api": service.process.pid, **{c.name: c.pid for c in infra.children}}
                     )
+                    # Steady state for every deployment: the workers have joined their group, and
+                    # past its first TENURE_MARGIN_S on a partition a worker no longer treats every
+                    # task as a possible redelivery (one more S3 round trip each). Without this wait
+                    # the drain's clock also counted the group join (~1.8 s before the first synthesis).
+                    time.sleep(TENURE_MARGIN_S + GROUP_JOIN_S)
                     if deployment.key == "default":
-                        # Steady state: in its first TENURE_MARGIN_S on a partition a worker treats
-                        # every task as a possible redelivery (one more S3 round trip each).
-                        time.sleep(TENURE_MARGIN_S + GROUP_JOIN_S)
                         figures["overhead"] = dataclasses.asdict(
                             measure_overhead(service, receiver, engines[threads], args.overhead_tasks)
                         )

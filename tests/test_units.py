@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
@@ -173,6 +174,16 @@ def test_embedded_mode_is_derived_from_what_is_unset() -> None:
 def test_placeholder_password_is_rejected() -> None:
     with pytest.raises(ValidationError, match="placeholder"):
         settings(api_password="your_password")
+
+
+def test_config_example_documents_every_setting_and_only_settings() -> None:
+    example = dotenv_values(Path(__file__).resolve().parents[1] / "config.env.example")
+    assert set(example) == {name.upper() for name in Settings.model_fields}
+    # Its values parse (the credential placeholders aside: the service refuses those on purpose).
+    values = {name.lower(): value for name, value in example.items() if value}
+    values["api_password"] = "a-real-password"
+    parsed = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    assert parsed.kafka_topic_partitions == 12 and parsed.webhook_retry_delays_s[0] == 10.0
 
 
 def test_to_env_round_trips() -> None:
