@@ -20,6 +20,7 @@ from indextts_api.prompts import PromptError, resolve_local_prompt
 from indextts_api.schemas import TaskCreate, TaskParams
 from indextts_api.storage import audio_key, public_url
 from indextts_api.webhooks import secret_bytes, signature_headers
+from tests.conftest import ROOT
 
 
 def settings(**values: object) -> Settings:
@@ -177,12 +178,11 @@ def test_placeholder_password_is_rejected() -> None:
 
 
 def test_config_example_documents_every_setting_and_only_settings() -> None:
-    example = dotenv_values(Path(__file__).resolve().parents[1] / "config.env.example")
+    example = dotenv_values(ROOT / "config.env.example")
     assert set(example) == {name.upper() for name in Settings.model_fields}
     # Its values parse (the credential placeholders aside: the service refuses those on purpose).
     values = {name.lower(): value for name, value in example.items() if value}
-    values["api_password"] = "a-real-password"
-    parsed = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    parsed = settings(**{**values, "api_password": "a-real-password"})
     assert parsed.kafka_topic_partitions == 12 and parsed.webhook_retry_delays_s[0] == 10.0
 
 
