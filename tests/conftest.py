@@ -143,7 +143,28 @@ class Service:
         return httpx.Client(base_url=self.base_url, auth=self.auth, timeout=30)
 
 
-def launch_service(workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args: str, **extra_env: str) -> Service:
+def own_topics(prefix: str) -> dict[str, str]:
+    """Settings that give a stack its own topics, consumer groups and key prefix in the shared
+    bucket: it never takes another stack's tasks, and its /health counts only its own workers."""
+    return {
+        "KAFKA_TASK_TOPIC": f"{prefix}_tasks",
+        "KAFKA_RESULT_TOPIC": f"{prefix}_results",
+        "KAFKA_DEAD_LETTER_TOPIC": f"{prefix}_dead",
+        "KAFKA_WEBHOOK_RETRY_TOPIC": f"{prefix}_webhook_retries",
+        "KAFKA_TTS_CONSUMER_GROUP": f"{prefix}_tts",
+        "KAFKA_UPLOAD_CONSUMER_GROUP": f"{prefix}_upload",
+        "S3_KEY_PREFIX": prefix,
+    }
+
+
+def launch_service(
+    workdir: Path,
+    infra: EmbeddedInfra,
+    prompt_dir: Path,
+    *args: str,
+    start_timeout_s: float = SERVICE_START_TIMEOUT_S,
+    **extra_env: str,
+) -> Service:
     """`indextts-api all` against ``infra``, with the Piper engine and test-friendly timings."""
     port = free_port()
     data_dir = workdir / "service"
@@ -172,7 +193,7 @@ def launch_service(workdir: Path, infra: EmbeddedInfra, prompt_dir: Path, *args:
     process = ChildProcess("service", argv, workdir / "service.log", env=env, cwd=workdir)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_health(base_url, process, SERVICE_START_TIMEOUT_S)
+        wait_for_health(base_url, process, start_timeout_s)
     except BaseException:
         process.stop()
         raise

@@ -22,7 +22,15 @@ from indextts_api.config import Settings
 from indextts_api.devtools import WebhookReceiver
 from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.kafka import SyncProducer
-from tests.conftest import Service, embedded_servers, launch_service, stop_service, wait_for_worker, worker_pids
+from tests.conftest import (
+    Service,
+    embedded_servers,
+    launch_service,
+    own_topics,
+    stop_service,
+    wait_for_worker,
+    worker_pids,
+)
 
 LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog near the quiet river bank."] * 25)
 DELIVERY_TIMEOUT_S = 150
@@ -103,6 +111,28 @@ def test_sigterm_lets_a_tts_worker_finish_its_task(
     for worker in worker_pids(fault_service.process.pid, "tts-worker"):
         os.kill(worker, signal.SIGTERM)
     assert_all_delivered(receiver, [task_uuid], DELIVERY_TIMEOUT_S)
+
+
+def test_tts_worker_is_recycled_after_max_tasks(
+    tmp_path: Path, infra: EmbeddedInfra, prompt_dir: Path, receiver: WebhookReceiver
+) -> None:
+    """TTS_WORKER_MAX_TASKS=2: each worker commits its two tasks and exits, `all` starts a fresh one
+    at once (no backoff), and every task is delivered exactly once."""
+    service = launch_service(tmp_path, infra, prompt_dir, "--tts-worker-max-tasks", "2", **own_topics("recycle"))
+    try:
+        first = wait_for_worker(service.process.pid, "tts-worker")
+        environ = Path(f"/proc/{first}/environ").read_bytes().split(b"\0")
+        assert b"WORKER_INDEX=0" in environ  # its GPU on a multi-GPU host
+        with service.client() as api:
+            tasks = [submit(api, receiver, f"Recycled worker, task {n}.", path="/recycle") for n in range(5)]
+        counts = assert_all_delivered(receiver, tasks, DELIVERY_TIMEOUT_S)
+        assert set(counts.values()) == {1}, counts
+        wait_for_worker(service.process.pid, "tts-worker", not_pid=first)
+        log = service.process.log_tail(60000)
+        assert log.count("reached TTS_WORKER_MAX_TASKS; starting a fresh one") == 2, log
+        assert "restarting in" not in log
+    finally:
+        stop_service(service)
 
 
 def test_broker_outage_answers_503_and_resumes(

@@ -1,7 +1,8 @@
-"""The IndexTTS2 adapter through the real pipeline, against a recording stand-in of ``IndexTTS2``.
+"""The IndexTTS2 adapter's exact calls, through the real pipeline, against a recording stand-in.
 
-The real weights cannot be downloaded here, so ``tests/standin`` provides ``indextts.infer_v2``
-with the real class's signatures; it records every call as JSON lines. This module runs its own
+The real class runs in ``tests/test_indextts2_real.py`` (random weights); what it was called with
+is easier to check here: ``tests/standin`` provides ``indextts.infer_v2`` with the real class's
+signatures (``indextts2-inference`` 2.1.1) and records every call as JSON lines. This module runs its own
 API, TTS worker and upload worker on the session's Kafka and S3, with topics and consumer groups
 of its own: the Piper service of the other tests never takes these tasks, and these workers never
 take theirs. Each test submits a task over HTTP, waits for its webhook, then reads what the
@@ -28,10 +29,10 @@ import pytest
 import soundfile
 
 from indextts_api.devtools import WebhookReceiver
-from indextts_api.engines.indextts2 import REQUIRED_FILES
+from indextts_api.engines.indextts2 import CAPABILITY_GAPS, REQUIRED_DIRS, REQUIRED_FILES, WARMUP_MAX_MEL_TOKENS
 from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.infra.process import ChildProcess, child_env, free_port
-from tests.conftest import API_PASSWORD, API_USER, ROOT, FileServer, speech_like_wav, wait_for_health
+from tests.conftest import API_PASSWORD, API_USER, ROOT, FileServer, own_topics, speech_like_wav, wait_for_health
 
 STANDIN_DIR = ROOT / "tests" / "standin"
 START_TIMEOUT_S = 90
@@ -110,10 +111,12 @@ def _wait_for_engine(stack: IndexStack, timeout_s: float) -> None:
 
 
 def _model_dir(path: Path) -> Path:
-    """The minimum checkpoint set, as empty files: enough for the adapter's presence check."""
+    """The required checkpoint set, as empty files: enough for the adapter's presence check."""
     path.mkdir()
     for name in REQUIRED_FILES:
         (path / name).touch()
+    for name in REQUIRED_DIRS:
+        (path / name).mkdir()
     return path
 
 
@@ -137,19 +140,13 @@ def indextts_stack(
             "FP16": "true",
             "CUDA_KERNEL": "true",
             "DEEPSPEED": "false",
+            "DEVICE": "cpu",
+            "ENGINE_LANGUAGE": "en",
             # Shared by the two workers: the spool (claim check) lives under it.
             "DATA_DIR": str(base / "data"),
             "PROMPT_DIR": str(prompt_dir),
-            # Own topics and groups: never compete with the Piper service's workers.
-            "KAFKA_TASK_TOPIC": "idx_tasks",
-            "KAFKA_RESULT_TOPIC": "idx_results",
-            "KAFKA_DEAD_LETTER_TOPIC": "idx_dead",
-            "KAFKA_WEBHOOK_RETRY_TOPIC": "idx_webhook_retries",
-            "KAFKA_TTS_CONSUMER_GROUP": "idx_tts",
-            "KAFKA_UPLOAD_CONSUMER_GROUP": "idx_upload",
-            # Own key prefix in the shared bucket: audio, task states and worker heartbeats. Without
-            # it, /health of either API would count the other stack's TTS workers as its own.
-            "S3_KEY_PREFIX": "idx",
+            # Own topics, groups and key prefix: never compete with the Piper service's workers.
+            **own_topics("idx"),
             "API_USERNAME": API_USER,
             "API_PASSWORD": API_PASSWORD,
             "ALLOW_PRIVATE_URLS": "true",
@@ -281,6 +278,19 @@ def test_model_constructed_once_with_settings(indextts_stack: IndexStack) -> Non
     assert init["use_fp16"] is True
     assert init["use_cuda_kernel"] is True
     assert init["use_deepspeed"] is False
+    assert init["device"] == "cpu"
+    assert init["language"] == "en"
+
+
+def test_warm_up_before_first_task(indextts_stack: IndexStack) -> None:
+    """The worker synthesizes once, short, between construction and its first task."""
+    records = indextts_stack.records()
+    assert records[0]["call"] == "__init__"
+    warmup = records[1]
+    assert warmup["call"] == "infer", records[:3]
+    assert warmup["output_path"] is None
+    assert warmup["generation_kwargs"] == {"max_mel_tokens": WARMUP_MAX_MEL_TOKENS}
+    assert [r for r in records if r["call"] == "infer" and r["text"] == warmup["text"]] == [warmup]  # once
 
 
 def test_health_reports_indextts2(indextts_stack: IndexStack) -> None:
@@ -291,7 +301,10 @@ def test_health_reports_indextts2(indextts_stack: IndexStack) -> None:
     assert health["model_version"] == "2.0"
     assert health["engine"]["name"] == "indextts2"
     assert health["engine"]["model_version"] == "2.0"
-    assert health["engine"]["ignores"] == []  # the real model honours every parameter
+    # The real model honours every parameter but do_sample (it always samples).
+    assert health["engine"]["ignores"] == CAPABILITY_GAPS
+    assert any("do_sample" in gap for gap in health["engine"]["ignores"])
+    assert health["engine"]["fallback_reason"] is None
     # The engine check sees this stack's worker, the one running the stand-in.
     engine_check = health["checks"]["engine"]
     assert engine_check["status"] == "up", engine_check
@@ -413,9 +426,14 @@ def test_generation_parameters_reach_infer(
 ) -> None:
     call = synthesize(indextts_stack, index_api, receiver, "Every knob is passed on.", **GENERATION_PARAMS)
     sent = GENERATION_PARAMS
-    generation = {key: sent[key] for key in sent if key not in ("emo_random", "max_text_tokens_per_segment")}
-    # Exactly these keyword arguments: an unknown one would reach the GPT's generate().
+    not_generation = ("emo_random", "max_text_tokens_per_segment", "do_sample")
+    generation = {key: sent[key] for key in sent if key not in not_generation}
+    # Exactly these keyword arguments: an unknown one would reach the GPT's generate(). do_sample is
+    # not passed: the real package pops it and always samples (/health lists it in "ignores").
     assert call["generation_kwargs"] == generation
+    # The audio comes back as samples, written by the adapter (the package's own save needs torchcodec).
+    assert call["output_path"] is None
+    assert call["stream_return"] is False
     assert call["generation_kwargs_types"]["top_k"] == "int"
     assert call["generation_kwargs_types"]["max_mel_tokens"] == "int"
     assert call["generation_kwargs_types"]["num_beams"] == "int"
@@ -440,7 +458,6 @@ def test_defaults_reach_infer(indextts_stack: IndexStack, index_api: httpx.Clien
     assert call["use_random"] is False
     assert call["max_text_tokens_per_segment"] == 120
     assert call["generation_kwargs"] == {
-        "do_sample": True,
         "top_p": 0.8,
         "top_k": 30,
         "temperature": 0.8,

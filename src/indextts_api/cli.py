@@ -38,6 +38,19 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         help="use CUDA kernel for inference if available",
     )
     add(
+        "--device",
+        default=None,
+        help="IndexTTS2 device: auto (one GPU per TTS worker where there are several), cpu, cuda:N [default: auto]",
+    )
+    add(
+        "--tts-worker-max-tasks",
+        "--tts_worker_max_tasks",
+        dest="tts_worker_max_tasks",
+        type=int,
+        default=None,
+        help="restart a TTS worker process after this many tasks; 0: never [default: 0]",
+    )
+    add(
         "--tts-workers",
         "--tts_workers",
         dest="tts_workers",
@@ -57,7 +70,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("auto", "indextts2", "piper"),
         default=None,
-        help="TTS engine: auto picks indextts2 when its checkpoints and package are present [default: auto]",
+        help="TTS engine: auto picks indextts2 when its checkpoints and package are present and it loads, "
+        "else piper [default: auto]",
     )
     add("--data-dir", dest="data_dir", default=None, help="embedded infrastructure data [default: ./data]")
     add("--prompt-dir", dest="prompt_dir", default=None, help="directory of local prompt files [default: ./prompts]")

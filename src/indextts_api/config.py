@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     fp16: bool = False
     deepspeed: bool = False
     cuda_kernel: bool = False
+    # IndexTTS2's device: auto (one GPU per TTS worker, round robin, where there are several; else
+    # the package's choice), or cpu, cuda, cuda:N, mps, xpu.
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
+    # Which TTS worker of this host this is (`all` sets it for each one it starts): picks its GPU.
+    worker_index: int = Field(default=0, ge=0)
+    # IndexTTS2's text normaliser language: auto (Chinese and English), en, zh or es.
+    engine_language: Literal["auto", "en", "zh", "es"] = "auto"
+    # Where IndexTTS2's text normaliser keeps its compiled grammars (built once, ~1 min; empty =
+    # DATA_DIR/engine-cache). Must be writable; shared safely by the workers of a host.
+    engine_cache_dir: Path | None = None
+    # One short synthesis at start-up, before the worker takes tasks (the first one is slower).
+    engine_warmup: bool = True
+    # A TTS worker that has handled this many tasks exits after committing them, and `all` starts
+    # a fresh one at once (long-running engines grow in memory); 0: never.
+    tts_worker_max_tasks: int = Field(default=0, ge=0)
     tts_workers: int = Field(default=1, ge=0)
     upload_workers: int = Field(default=1, ge=0)
     # CPU threads of one Piper engine; 0: this host's cores shared among its TTS_WORKERS.
@@ -154,6 +169,7 @@ class Settings(BaseSettings):
         "kafka_sasl_password",
         "s3_presign",
         "allow_private_urls",
+        "engine_cache_dir",
         mode="before",
     )
     @classmethod
@@ -216,6 +232,10 @@ class Settings(BaseSettings):
     def webhook_retry_topics(self) -> list[str]:
         """One retry topic per delay: ``{KAFKA_WEBHOOK_RETRY_TOPIC}_1`` ... ``_N``."""
         return [f"{self.kafka_webhook_retry_topic}_{n}" for n in range(1, len(self.webhook_retry_delays_s) + 1)]
+
+    @property
+    def engine_cache_location(self) -> Path:
+        return (self.engine_cache_dir or self.data_dir / "engine-cache").resolve()
 
     @property
     def spool_location(self) -> str:

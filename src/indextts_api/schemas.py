@@ -159,6 +159,9 @@ class EngineInfo(BaseModel):
     name: str
     model_version: str
     ignores: list[str] = Field(default_factory=list, description="request features this engine cannot honour")
+    fallback_reason: str | None = Field(
+        default=None, description="with ENGINE=auto, why IndexTTS2 is not the engine (a missing file, a load error)"
+    )
 
 
 class CheckPublic(BaseModel):

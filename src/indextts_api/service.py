@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # A worker that exits with this code has a configuration problem: restarting it will not help.
 EXIT_CONFIG = 78
+# A TTS worker that handled TTS_WORKER_MAX_TASKS tasks exits with this code: start a fresh one now.
+EXIT_RECYCLE = 75
 WORKER_STOP_GRACE_S = 30.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -84,24 +86,27 @@ def run_worker(role: str) -> int:
 
     settings = get_settings()
     require_external_infra(settings, role)
-    stop = stop_event_on_signals()
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
         logger.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    try:
-        if role == "tts-worker":
-            from indextts_api.workers.tts import run_tts_worker
+    if role == "tts-worker":
+        from indextts_api.engines import load_engine
+        from indextts_api.workers.tts import run_tts_worker
 
-            run_tts_worker(settings, stop)
-        else:
-            from indextts_api.workers.upload import run_upload_worker
+        # While the engine loads (a minute, the first time), SIGTERM keeps its default action and
+        # ends the process at once: it holds no task yet, and a stop must not wait for the load.
+        try:
+            loaded = load_engine(settings)
+        except EngineUnavailable as exc:
+            logger.error("%s", exc)
+            return EXIT_CONFIG
+        recycled = run_tts_worker(settings, loaded, stop_event_on_signals())
+        return EXIT_RECYCLE if recycled else 0
+    from indextts_api.workers.upload import run_upload_worker
 
-            run_upload_worker(settings, stop)
-    except EngineUnavailable as exc:
-        logger.error("%s", exc)
-        return EXIT_CONFIG
+    run_upload_worker(settings, stop_event_on_signals())
     return 0
 
 
@@ -115,11 +120,17 @@ class WorkerPool:
     restarts: dict[str, int] = field(default_factory=dict)
     stopping: threading.Event = field(default_factory=threading.Event)
     fatal: threading.Event = field(default_factory=threading.Event)
+    # Held to start a worker and to begin stopping: no worker is started once stop() has begun.
+    _spawn_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _spawn(self, slot: str) -> None:
-        role = slot.rsplit("-", 1)[0]
+        role, index = slot.rsplit("-", 1)
         argv = [sys.executable, "-m", "indextts_api", role]
-        self.workers[slot] = ChildProcess(slot, argv, None, env=self.env)
+        with self._spawn_lock:
+            if self.stopping.is_set():
+                return
+            # WORKER_INDEX: on a host with several GPUs, TTS worker N takes GPU N modulo their number.
+            self.workers[slot] = ChildProcess(slot, argv, None, env={**self.env, "WORKER_INDEX": index})
 
     def start(self) -> None:
         for role, count in self.counts.items():
@@ -140,6 +151,10 @@ class WorkerPool:
                     logger.error("%s cannot run with this configuration; stopping the service", slot)
                     self.fatal.set()
                     return
+                if code == EXIT_RECYCLE:
+                    logger.info("%s reached TTS_WORKER_MAX_TASKS; starting a fresh one", slot)
+                    self._spawn(slot)
+                    continue
                 attempt = self.restarts.get(slot, 0)
                 self.restarts[slot] = attempt + 1
                 delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
@@ -150,12 +165,14 @@ class WorkerPool:
 
     def stop(self) -> None:
         started = time.monotonic()
-        self.stopping.set()
-        for child in self.workers.values():
+        with self._spawn_lock:
+            self.stopping.set()
+            children = list(self.workers.values())
+        for child in children:
             if child.alive():
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + WORKER_STOP_GRACE_S
-        for child in self.workers.values():
+        for child in children:
             child.stop(grace_s=max(0.1, deadline - time.monotonic()))
         logger.info("workers stopped in %.1f s", time.monotonic() - started)
 
@@ -194,9 +211,7 @@ def prepare_infrastructure(settings: Settings) -> None:
 
 def banner(settings: Settings, infra: EmbeddedInfra, fresh_credentials: bool) -> str:
     engine = describe_engine(settings)
-    why = ""
-    if settings.engine == "auto" and engine.name == "piper":
-        why = f" (auto: no IndexTTS2 checkpoints in {settings.model_dir} or package not installed)"
+    why = f" (auto: {engine.fallback_reason})" if engine.fallback_reason else ""
     kafka_where = f"{settings.kafka_bootstrap_servers}" + (" (embedded Tansu)" if infra.kafka_port else "")
     s3_where = f"{settings.s3_endpoint_url or 'AWS S3'} bucket {settings.bucket}" + (
         " (embedded SeaweedFS)" if infra.bucket else ""

@@ -6,6 +6,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from indextts_api import kafka
 from indextts_api.config import Settings
-from indextts_api.engines import Engine, SynthesisJob, load_engine
+from indextts_api.engines import Engine, LoadedEngine, SynthesisJob
 from indextts_api.httpclient import make_http_client
 from indextts_api.logs import bind_task
 from indextts_api.metrics import AUDIO_SECONDS, PROMPT_FETCH_SECONDS, SYNTHESIS_SECONDS, TASKS_IN_FLIGHT
@@ -200,9 +201,35 @@ class TaskProcessor:
             raise TransientError(f"S3 unavailable: {exc}") from exc
 
 
-def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
-    """Run one TTS worker (one engine instance) until ``stop`` is set."""
-    engine = load_engine(settings)
+class TaskBudget:
+    """TTS_WORKER_MAX_TASKS: after that many tasks, stop taking more (the loop then commits what
+    it handled and hands the rest back), so that a fresh process replaces this one."""
+
+    def __init__(self, max_tasks: int, stop: threading.Event) -> None:
+        self._left = max_tasks
+        self._stop = stop
+        self.spent = False
+
+    def counted(self, handle: Callable[[Message], Future[None] | None]) -> Callable[[Message], Future[None] | None]:
+        if self._left <= 0:
+            return handle
+
+        def handle_and_count(message: Message) -> Future[None] | None:
+            acknowledged = handle(message)  # a retried failure raises and is not counted
+            self._left -= 1
+            if self._left == 0:
+                logger.info("tts worker handled its TTS_WORKER_MAX_TASKS tasks; stopping for a fresh process")
+                self.spent = True
+                self._stop.set()
+            return acknowledged
+
+        return handle_and_count
+
+
+def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Event) -> bool:
+    """Run one TTS worker (one engine instance) until ``stop`` is set. True when it stopped because
+    it reached TTS_WORKER_MAX_TASKS."""
+    engine = loaded.engine
     logger.info("tts worker ready: engine %s (%s)", engine.name, engine.model_version)
     s3 = make_s3_client(settings)
     http = make_http_client(
@@ -217,9 +244,7 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
     producer = kafka.SyncProducer(settings, idempotent=False)
     store = AudioStore(settings, s3)
     states = TaskStateStore(settings, store)
-    heartbeat = Heartbeat(
-        settings, s3, store.bucket, {"role": "tts-worker", "engine": engine.name, "model_version": engine.model_version}
-    ).start()
+    heartbeat = Heartbeat(settings, s3, store.bucket, {"role": "tts-worker", **loaded.details}).start()
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
     tenure = PartitionTenure()
     processor = TaskProcessor(
@@ -232,12 +257,13 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         states,
         tenure,
     )
+    budget = TaskBudget(settings.tts_worker_max_tasks, stop)
     consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
     try:
         PausingConsumerLoop(
             consumer,
             settings.kafka_task_topic,
-            processor.handle,
+            budget.counted(processor.handle),
             stop,
             "tts-worker",
             prefetch=processor.prefetch,
@@ -250,3 +276,4 @@ def run_tts_worker(settings: Settings, stop: threading.Event) -> None:
         http.close()
         engine.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+    return budget.spent

@@ -1,13 +1,17 @@
 """A recording stand-in for ``indextts.infer_v2.IndexTTS2`` (upstream index-tts).
 
-The signatures are the real class's, so a call that the real model would reject (a misspelt or
-missing keyword, a positional mix-up) fails here too. Every call is appended as one JSON object
-(with a ``"call"`` key) to the file named by ``INDEXTTS_STANDIN_RECORD``, for the tests to read.
+The signatures are those of ``indextts2-inference`` 2.1.1 (the version ``.[indextts]`` pins), so a
+call that the real model would reject (a misspelt or missing keyword, a positional mix-up) fails
+here too. Every call is appended as one JSON object (with a ``"call"`` key) to the file named by
+``INDEXTTS_STANDIN_RECORD``, for the tests to read. The real class itself runs in
+``tests/test_indextts2_real.py``; this one is for checking the exact arguments of each call.
 
 ``infer`` behaves like the real one where the adapter depends on it: it reads the prompt files
-(so a path that is not readable audio fails), writes a 22,050 Hz mono 16-bit WAV to
-``output_path`` and returns that path. If ``INDEXTTS_STANDIN_RAISE_MARKER`` is set and the text
-contains it, ``infer`` raises ``RuntimeError("CUDA out of memory")``, to test engine failures.
+(so a path that is not readable audio fails); with ``output_path=None`` it returns
+``(22050, int16 array of shape (samples, 1))``, with a path it writes a WAV there and returns the
+path; ``stream_return=True`` returns a generator of ``[1, samples]`` float segments. If
+``INDEXTTS_STANDIN_RAISE_MARKER`` is set and the text contains it, ``infer`` raises
+``RuntimeError("CUDA out of memory")``, to test engine failures.
 """
 
 from __future__ import annotations
@@ -57,12 +61,16 @@ def _check_audio(path: Any, what: str) -> None:
 class IndexTTS2:
     def __init__(
         self,
-        cfg_path: str = "checkpoints/config.yaml",
-        model_dir: str = "checkpoints",
+        model_dir: str | None = None,
+        cfg_path: str | None = None,
         use_fp16: bool = False,
         device: str | None = None,
         use_cuda_kernel: bool | None = None,
         use_deepspeed: bool = False,
+        use_accel: bool = False,
+        use_torch_compile: bool = False,
+        language: str | None = None,
+        attn_backend: str | None = None,
     ) -> None:
         self.cfg_path = cfg_path
         self.model_dir = model_dir
@@ -78,6 +86,10 @@ class IndexTTS2:
             device=device,
             use_cuda_kernel=use_cuda_kernel,
             use_deepspeed=use_deepspeed,
+            use_accel=use_accel,
+            use_torch_compile=use_torch_compile,
+            language=language,
+            attn_backend=attn_backend,
         )
 
     def normalize_emo_vec(self, emo_vector: list[float], apply_bias: bool = True) -> list[float]:
@@ -97,7 +109,7 @@ class IndexTTS2:
         self,
         spk_audio_prompt: str,
         text: str,
-        output_path: str,
+        output_path: str | None,
         emo_audio_prompt: str | None = None,
         emo_alpha: float = 1.0,
         emo_vector: list[float] | None = None,
@@ -107,8 +119,10 @@ class IndexTTS2:
         interval_silence: int = 200,
         verbose: bool = False,
         max_text_tokens_per_segment: int = 120,
+        stream_return: bool = False,
+        quick_streaming_tokens: int = 0,
         **generation_kwargs: Any,
-    ) -> str:
+    ) -> Any:
         # Recorded first, so a test can see the arguments of a call that then fails.
         _record(
             "infer",
@@ -126,6 +140,8 @@ class IndexTTS2:
             max_text_tokens_per_segment=max_text_tokens_per_segment,
             # Type names too: JSON cannot tell an int from a float that the adapter passed.
             max_text_tokens_per_segment_type=type(max_text_tokens_per_segment).__name__,
+            stream_return=stream_return,
+            quick_streaming_tokens=quick_streaming_tokens,
             generation_kwargs=generation_kwargs,
             generation_kwargs_types={key: type(value).__name__ for key, value in generation_kwargs.items()},
         )
@@ -135,13 +151,14 @@ class IndexTTS2:
         marker = os.environ.get(RAISE_MARKER_ENV)
         if marker and marker in text:
             raise RuntimeError("CUDA out of memory")
-        if not output_path.lower().endswith(".wav"):
-            # The real one saves with torchaudio, which picks the format from the file extension.
-            raise ValueError(f"output_path must end in .wav: {output_path}")
+        t = np.arange(int(OUTPUT_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+        tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+        if stream_return:
+            return iter([tone[np.newaxis, :].astype(np.float32)])
+        if output_path is None:
+            return SAMPLE_RATE, (tone * 32767).astype(np.int16)[:, np.newaxis]
         directory = os.path.dirname(output_path)
         if directory:
             os.makedirs(directory, exist_ok=True)  # as the real one does
-        t = np.arange(int(OUTPUT_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
-        tone = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
         soundfile.write(output_path, tone.astype(np.float32), SAMPLE_RATE, subtype="PCM_16", format="WAV")
         return output_path
