@@ -86,7 +86,7 @@ def run_wrk(base_url: str, auth: tuple[str, str], seconds: int, connections: int
 
 def count_stored(bootstrap_servers: str, topic: str, idle_s: float = 3.0, limit_s: float = 120.0) -> int:
     """Read the topic from the start with a new group and count its messages."""
-    settings = Settings(_env_file=None, kafka_bootstrap_servers=bootstrap_servers)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, kafka_bootstrap_servers=bootstrap_servers, kafka_profile="embedded")  # type: ignore[call-arg]
     consumer = kafka.make_consumer(settings, f"bench-count-{time.time_ns()}")
     consumer.subscribe([topic])
     count = 0

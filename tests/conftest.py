@@ -223,6 +223,22 @@ def api_role(workdir: Path, infra: EmbeddedInfra, name: str, **extra_env: str) -
         assert process.stop() == 0, process.log_tail()
 
 
+@pytest.fixture(scope="session")
+def public_api(session_dir: Path, infra: EmbeddedInfra, prompt_dir: Path) -> Iterator[str]:
+    """The API role alone as production runs it (ALLOW_PRIVATE_URLS=false, a prompt directory), on
+    topics of its own that no worker reads: a task it accepts is only stored. Its base URL."""
+    with api_role(
+        session_dir,
+        infra,
+        "public-api",
+        ALLOW_PRIVATE_URLS="false",
+        PROMPT_DIR=str(prompt_dir),
+        KAFKA_TOPIC_PARTITIONS="1",
+        **own_topics("public_api"),
+    ) as base_url:
+        yield base_url
+
+
 def stop_service(service: Service) -> None:
     code = service.process.stop(grace_s=60)
     assert code == 0, f"service did not stop cleanly (exit {code}):\n{service.process.log_tail(4000)}"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
 import pytest
 
 from indextts_api.devtools import WebhookReceiver
-from tests.conftest import Service
+from indextts_api.infra.embedded import EmbeddedInfra
+from tests.conftest import API_PASSWORD, API_USER, Service, api_role, own_topics
 
 
 @pytest.fixture
@@ -228,3 +234,259 @@ def test_all_params_at_once_are_accepted(api: httpx.Client, valid: dict[str, obj
     }
     response = api.post("/generate", json={**valid, "params": params})
     assert response.status_code == 200, response.text
+
+
+def _with_reference(valid: dict[str, object], field: str, value: str) -> dict[str, object]:
+    """``valid`` with ``value`` as ``field``: hook_url, spk_audio_prompt or params.emo_audio_prompt."""
+    if field == "params.emo_audio_prompt":
+        return {**valid, "params": {"emo_control_method": 1, "emo_audio_prompt": value}}
+    return {**valid, field: value}
+
+
+URL_FIELDS = ["hook_url", "spk_audio_prompt", "params.emo_audio_prompt"]
+
+# URLs the HTTP client cannot build or whose host can never resolve: refused at submission.
+UNUSABLE_URLS: dict[str, str] = {
+    "cr-lf": "https://voices.example.com/a\r\nX-Injected: 1",
+    "lf": "https://voices.example.com/a\n.wav",
+    "tab": "https://voices.example.com/a\t.wav",
+    "nul": "https://voices.example.com/a\x00.wav",
+    "del": "https://voices.example.com/a\x7f.wav",
+    "escape": "https://voices.example.com/a\x1b.wav",
+    "c1-control": "https://voices.example.com/a\x85.wav",
+    "space": "https://voices.example.com/a b.wav",
+    "space-in-host": "https://voices example.com/a.wav",
+    "ideographic-space": "https://voices.example.com/a\u3000.wav",
+    "empty-label": "http://voices..example.com/voice.wav",
+    "leading-dot": "http://.example.com/voice.wav",
+    "label-over-63": f"https://{'a' * 64}.example.com/a.wav",
+    "host-over-253": f"https://{'.'.join(['a' * 60] * 5)}.com/a.wav",
+    "idna-invalid": "https://☃.example.com/a.wav",
+    "idna-joiner": "https://x\u200d.example.com/a.wav",
+    "bad-a-label": "https://xn--zz.example.com/a.wav",
+    "percent-in-host": "https://voic%65s.example.com/a.wav",
+    "port-0": "https://voices.example.com:0/a.wav",
+    "port-65536": "https://voices.example.com:65536/a.wav",
+    "port-99999": "https://voices.example.com:99999/a.wav",
+    "port-name": "https://voices.example.com:http/a.wav",
+    "port-signed": "https://voices.example.com:+443/a.wav",
+    "port-fullwidth": "https://voices.example.com:４４３/a.wav",
+    "bad-ipv4": "http://999.1.1.1/a.wav",
+    "bad-ipv6": "http://[2606:zz::1]/a.wav",
+    "open-bracket": "http://[2606:4700::1/a.wav",
+    "ipvfuture": "http://[v1.x]/a.wav",
+    "lone-surrogate": "https://voices.example.com/\ud800.wav",
+    "credentials": "https://user:secret@voices.example.com/a.wav",
+}
+
+
+@pytest.mark.parametrize("url", UNUSABLE_URLS.values(), ids=UNUSABLE_URLS.keys())
+@pytest.mark.parametrize("field", URL_FIELDS)
+def test_unusable_urls_are_400_naming_the_field(
+    api: httpx.Client, field: str, url: str, valid: dict[str, object]
+) -> None:
+    # json.dumps escapes what httpx's json= could not encode (a lone surrogate).
+    body = json.dumps(_with_reference(valid, field, url))
+    response = api.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"{field}:")
+
+
+# Representative URLs that must stay accepted, on the API that allows public addresses only.
+USABLE_URLS: dict[str, str] = {
+    "idn": "http://bücher.example/a.wav",
+    "idn-a-label": "http://xn--bcher-kva.example/a.wav",
+    "idn-uppercase": "https://BÜCHER.example/a.wav",
+    "port-8080": "https://voices.example.com:8080/a.wav",
+    "absolute-name": "https://voices.example.com./a.wav",
+    "underscore": "https://my_voices.example.com/a.wav",
+    "query-fragment-escape": "https://voices.example.com/a%20b.wav?v=1&w=%C3%A4#x",
+    "unicode-path": "https://voices.example.com/stimme-ä.wav",
+    "ipv4": "http://93.184.215.14/a.wav",
+    "ipv6": "http://[2606:4700:4700::1111]:8443/a.wav",
+    "max-label": f"https://{'a' * 63}.example.com/a.wav",
+}
+
+
+@pytest.mark.parametrize("url", USABLE_URLS.values(), ids=USABLE_URLS.keys())
+@pytest.mark.parametrize("field", URL_FIELDS)
+def test_usable_urls_are_accepted(public_api: str, field: str, url: str) -> None:
+    body = _with_reference(
+        {
+            "spk_audio_prompt": "https://voices.example.com/a.wav",
+            "text": "hi",
+            "hook_url": "https://hooks.example.com/h",
+        },
+        field,
+        url,
+    )
+    response = httpx.post(f"{public_api}/generate", json=body, auth=(API_USER, API_PASSWORD), timeout=10)
+    assert response.status_code == 200, response.text
+
+
+# Lone surrogates (JSON "\ud800") anywhere: valid JSON, but not Unicode text.
+SURROGATE_BODIES: dict[str, tuple[str, bytes]] = {
+    "text": ("text:", rb'{"text": "hi \ud800", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h"}'),
+    "low-surrogate": (
+        "text:",
+        rb'{"text": "\udfff", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h"}',
+    ),
+    "raw-utf8-bytes": (
+        "text:",
+        b'{"text": "hi \xed\xa0\x80", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h"}',
+    ),
+    "spk_audio_prompt": (
+        "spk_audio_prompt:",
+        rb'{"text": "hi", "spk_audio_prompt": "voice\udc80.wav", "hook_url": "https://h.example/h"}',
+    ),
+    "hook_url": (
+        "hook_url:",
+        rb'{"text": "hi", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/\ud83d"}',
+    ),
+    "emo_text": (
+        "params.emo_text:",
+        rb'{"text": "hi", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h",'
+        rb' "params": {"emo_control_method": 3, "emo_text": "\ud800"}}',
+    ),
+    "emo_audio_prompt": (
+        "params.emo_audio_prompt:",
+        rb'{"text": "hi", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h",'
+        rb' "params": {"emo_audio_prompt": "\ud800.wav"}}',
+    ),
+    "unknown-key": (
+        "body:",
+        rb'{"text": "hi", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h", "\ud800": 1}',
+    ),
+    "unknown-param-key": (
+        "params:",
+        rb'{"text": "hi", "spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h",'
+        rb' "params": {"x\udc00": 1}}',
+    ),
+}
+
+
+@pytest.mark.parametrize(("field", "content"), SURROGATE_BODIES.values(), ids=SURROGATE_BODIES.keys())
+def test_lone_surrogates_are_400(api: httpx.Client, field: str, content: bytes) -> None:
+    response = api.post("/generate", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error.startswith(field)
+    assert "not valid Unicode" in error
+
+
+def test_a_surrogate_pair_is_ordinary_text(public_api: str) -> None:
+    content = rb'{"text": "smile \ud83d\ude00", "spk_audio_prompt": "tone.wav", "hook_url": "https://h.example/h"}'
+    response = httpx.post(
+        f"{public_api}/generate",
+        content=content,
+        headers={"Content-Type": "application/json"},
+        auth=(API_USER, API_PASSWORD),
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+
+
+# Prompt paths a file system cannot look up (or that lead through a file): 400, never a 500.
+UNUSABLE_PATHS: dict[str, str] = {
+    "component-over-255-bytes": "a" * 256 + ".wav",
+    "component-over-255-utf8-bytes": "ä" * 128 + ".wav",  # 132 characters, 260 bytes
+    "path-over-1024-bytes": "voices/" * 150 + "a.wav",
+    "through-a-file": "example.wav/x.wav",
+    "through-a-file-deeper": "tone.wav/a/b/c.wav",
+    "not-encodable": "voice\udc80.wav",
+}
+
+
+@pytest.mark.parametrize("path", UNUSABLE_PATHS.values(), ids=UNUSABLE_PATHS.keys())
+@pytest.mark.parametrize("field", ["spk_audio_prompt", "params.emo_audio_prompt"])
+def test_prompt_paths_the_file_system_cannot_look_up_are_400(
+    api: httpx.Client, field: str, path: str, valid: dict[str, object]
+) -> None:
+    body = json.dumps(_with_reference(valid, field, path))
+    response = api.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith(f"{field}:")
+
+
+def test_chunked_body_over_the_limit_is_413(api: httpx.Client, valid: dict[str, object]) -> None:
+    def chunks() -> Iterator[bytes]:  # no Content-Length: httpx sends it chunked
+        yield b'{"spk_audio_prompt": "example.wav", "hook_url": "https://h.example/h", "text": "'
+        for _ in range(5):
+            yield b"a" * 64 * 1024
+        yield b'"}'
+
+    response = api.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert response.json() == {"error": f"request body larger than {256 * 1024} bytes"}
+
+
+def test_chunked_body_under_the_limit_is_read(api: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"spk_audio_prompt": "missing.wav", '
+        yield b'"hook_url": "https://h.example/h", "text": "hi"}'
+
+    response = api.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400  # read and validated: the prompt file is not there
+    assert response.json()["error"].startswith("spk_audio_prompt:")
+
+
+UNICODE_PASSWORD = "pässwörd-ünïcode"
+
+
+@pytest.fixture(scope="module")
+def unicode_password_api(session_dir: Path, infra: EmbeddedInfra) -> Iterator[str]:
+    with api_role(
+        session_dir, infra, "unicode-password-api", API_PASSWORD=UNICODE_PASSWORD, **own_topics("unicode_password")
+    ) as base_url:
+        yield base_url
+
+
+def _queue_one(
+    base_url: str, auth: tuple[str, str] | None = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    body = {"spk_audio_prompt": "https://voices.example.com/a.wav", "text": "hi", "hook_url": "https://h.example/h"}
+    return httpx.post(f"{base_url}/generate", json=body, auth=auth, headers=headers, timeout=10)
+
+
+def test_a_non_ascii_password_logs_in(unicode_password_api: str) -> None:
+    response = _queue_one(unicode_password_api, auth=(API_USER, UNICODE_PASSWORD))  # httpx sends UTF-8
+    assert response.status_code == 200, response.text
+
+
+def test_a_non_ascii_password_sent_as_latin_1_logs_in(unicode_password_api: str) -> None:
+    # What requests and other older clients send.
+    token = base64.b64encode(f"{API_USER}:{UNICODE_PASSWORD}".encode("latin-1")).decode()
+    response = _queue_one(unicode_password_api, headers={"Authorization": f"Basic {token}"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "password", ["passwort-unicode", "pässwörd-ünïcodE", "pässwörd-ünïcode\u0308"], ids=["ascii", "case", "combining"]
+)
+def test_a_non_ascii_password_is_still_checked(unicode_password_api: str, password: str) -> None:
+    response = httpx.post(f"{unicode_password_api}/generate", json={}, auth=(API_USER, password), timeout=10)
+    assert response.status_code == 401
+    assert response.json() == {"error": "Authentication required"}
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        "Basic",
+        "Basic !!!",
+        "Basic " + base64.b64encode(b"no-colon").decode(),
+        "Basic " + base64.b64encode(b"\xff\xfe:\x00").decode(),
+        "Basic wö",
+    ],
+    ids=["empty", "not-base64", "no-colon", "binary", "non-ascii-header"],
+)
+def test_malformed_basic_credentials_are_401(service: Service, authorization: str) -> None:
+    response = httpx.post(
+        f"{service.base_url}/generate",
+        json={},
+        headers={"Authorization": authorization.encode()},
+        timeout=10,
+    )
+    assert response.status_code == 401
+    assert response.json() == {"error": "Authentication required"}

@@ -97,6 +97,7 @@ def test_infra_role_prints_settings_and_serves_them(tmp_path: Path) -> None:
         settings: dict[str, str] = {}
         expected = {
             "KAFKA_BOOTSTRAP_SERVERS",
+            "KAFKA_PROFILE",  # embedded: the roles pointed at Tansu keep the tuning measured for it
             "S3_ENDPOINT_URL",
             "S3_ACCESS_KEY",
             "S3_SECRET_KEY",
@@ -132,6 +133,26 @@ def test_placeholder_password_is_refused(tmp_path: Path, infra: EmbeddedInfra) -
     result = run_cli("api", env=env, cwd=tmp_path)
     assert result.returncode == 2
     assert "placeholder" in result.stderr
+    assert "your_password" not in result.stderr  # the rule is named, the value given is not echoed
+
+
+def test_password_that_is_not_utf8_is_refused_without_echoing_it(tmp_path: Path, infra: EmbeddedInfra) -> None:
+    """No client could send it (Basic credentials are decoded as UTF-8): refused at start-up."""
+    env = {**embedded_env(), **infra.settings_env(), "API_USERNAME": "operator"}
+    env_bytes = {key.encode(): value.encode() for key, value in env.items()}
+    env_bytes[b"API_PASSWORD"] = b"secret-\xff-bytes"
+    result = subprocess.run(
+        [sys.executable, "-m", "indextts_api", "api"],
+        env=env_bytes,  # type: ignore[arg-type]
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "API_PASSWORD is not valid UTF-8" in result.stderr
+    assert "secret-" not in result.stderr
 
 
 def test_worker_roles_require_shared_infrastructure(tmp_path: Path) -> None:

@@ -6,13 +6,17 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from typing import Any
 
+import pytest
 from confluent_kafka import Message, TopicPartition
 
 from indextts_api import kafka
 from indextts_api.config import Settings
 from indextts_api.infra.embedded import EmbeddedInfra
+from indextts_api.workers.concurrent import ConcurrentConsumerLoop
 from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop
+from indextts_api.workers.failures import FailurePolicy, PermanentError, TransientError
 
 BACKLOG = 40
 PARTITIONS = 4
@@ -25,6 +29,7 @@ def backlog_topic(infra: EmbeddedInfra, partitions: int, messages: int) -> tuple
     settings = Settings(
         _env_file=None,
         kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        kafka_profile="embedded",
         kafka_task_topic=topic,
         kafka_topic_partitions=partitions,
     )
@@ -34,6 +39,11 @@ def backlog_topic(infra: EmbeddedInfra, partitions: int, messages: int) -> tuple
         producer.send(topic, f"task-{index}", str(index).encode())
     producer.close()
     return settings, topic, f"{topic}-group"
+
+
+def never_gives_up(message: Message, failure: BaseException) -> None:
+    """The give-up step of loops whose handlers do not fail for good."""
+    raise AssertionError(f"gave up {message.offset()}: {failure}")
 
 
 def run_until_stopped(loop: PausingConsumerLoop, stop: threading.Event) -> bool:
@@ -79,7 +89,7 @@ def test_backlog_is_read_ahead_prefetched_handled_in_order_and_committed(infra: 
     def prefetch(message: Message) -> None:
         prefetched.add(where(message))
 
-    loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-loop", prefetch=prefetch)
+    loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-loop", give_up=never_gives_up, prefetch=prefetch)
     assert run_until_stopped(loop, stop)
 
     assert len(handled) == BACKLOG == len(set(handled)), "every message handled exactly once"
@@ -126,7 +136,9 @@ def test_commits_wait_for_each_acknowledgement_and_a_failed_one_is_handled_again
             stop.set()
         return acknowledged
 
-    loop = PausingConsumerLoop(kafka.make_consumer(settings, group), topic, handle, stop, "test-acks")
+    loop = PausingConsumerLoop(
+        kafka.make_consumer(settings, group), topic, handle, stop, "test-acks", give_up=never_gives_up
+    )
     try:
         assert run_until_stopped(loop, stop)
         assert handled.count(failing_offset) == 2, handled
@@ -160,7 +172,7 @@ def test_nothing_of_a_partition_revoked_mid_task_is_committed(infra: EmbeddedInf
         stop.set()
         return None  # this task's effect is durable: yet it is no longer this worker's to commit
 
-    loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-revoke")
+    loop = PausingConsumerLoop(consumer, topic, handle, stop, "test-revoke", give_up=never_gives_up)
     assert run_until_stopped(loop, stop)
     assert handled == [0, 1]
 
@@ -188,7 +200,132 @@ def test_tenure_tells_tasks_queued_while_assigned_from_possible_redeliveries(inf
         if len(verdicts) == 8:
             stop.set()
 
-    loop = PausingConsumerLoop(kafka.make_consumer(settings, group), topic, handle, stop, "tenure-test", tenure=tenure)
+    loop = PausingConsumerLoop(
+        kafka.make_consumer(settings, group), topic, handle, stop, "tenure-test", give_up=never_gives_up, tenure=tenure
+    )
     assert run_until_stopped(loop, stop), "the loop did not stop"
     assert verdicts == {**{f"task-{i}": False for i in range(4)}, **{f"new-{i}": True for i in range(4)}}
     assert not tenure.produced_during(last[0]), "the partition was given up on close"
+
+
+# --- failures: what is retried, what is given up, for how long (failures.py) -----------------------
+
+
+class PoisonHandler:
+    """Fails message 0 as told; the others succeed. Records handlings and give-ups."""
+
+    def __init__(self, failure: Exception, stop: threading.Event, expected: int, give_up_fails: int = 0) -> None:
+        self.failure = failure
+        self.stop = stop
+        self.expected = expected  # messages to see handled or given up before stopping
+        self.give_up_fails = give_up_fails  # the give-up step raises this many times first
+        self.attempts = 0
+        self.handled: list[int] = []
+        self.given_up: list[tuple[int, str]] = []
+        self.lock = threading.Lock()
+
+    def handle(self, message: Message) -> None:
+        if message.value() == b"0":
+            with self.lock:
+                self.attempts += 1
+            raise self.failure
+        self._record(self.handled, int(message.value() or 0))
+
+    def give_up(self, message: Message, failure: BaseException) -> None:
+        if self.give_up_fails > 0:
+            self.give_up_fails -= 1
+            raise RuntimeError("the give-up step broke too")
+        self._record(self.given_up, (int(message.value() or 0), type(failure).__name__))
+
+    def _record(self, into: list[Any], item: Any) -> None:
+        with self.lock:
+            into.append(item)
+            if len(self.handled) + len(self.given_up) >= self.expected:
+                self.stop.set()
+
+
+def run_poison(infra: EmbeddedInfra, failure: Exception, loop_kind: str) -> PoisonHandler:
+    """Three messages on one partition, the first poisonous, through a loop with one unexpected retry."""
+    settings, topic, group = backlog_topic(infra, 1, 3)
+    stop = threading.Event()
+    poison = PoisonHandler(failure, stop, expected=3)
+    policy = FailurePolicy(unexpected_retries=1)
+    consumer = kafka.make_consumer(settings, group)
+    if loop_kind == "pausing":
+        loop: Any = PausingConsumerLoop(
+            consumer, topic, poison.handle, stop, "poison", give_up=poison.give_up, policy=policy
+        )
+    else:
+        loop = ConcurrentConsumerLoop(
+            consumer, [topic], poison.handle, stop, "poison", 2, give_up=poison.give_up, policy=policy
+        )
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    runner.join(LOOP_TIMEOUT_S)
+    stop.set()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert committed_offsets(settings, group, topic, 1) == {0: 3}  # given up: committed past it
+    return poison
+
+
+@pytest.mark.parametrize("loop_kind", ["pausing", "concurrent"])
+def test_unexpected_exception_is_retried_then_given_up(infra: EmbeddedInfra, loop_kind: str) -> None:
+    started = time.monotonic()
+    poison = run_poison(infra, KeyError("a bug"), loop_kind)
+    assert poison.attempts == 2  # the first try and one retry
+    assert poison.given_up == [(0, "KeyError")]
+    assert sorted(poison.handled) == [1, 2]  # the messages behind it were not held up for good
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("loop_kind", ["pausing", "concurrent"])
+def test_permanent_error_is_given_up_at_once(infra: EmbeddedInfra, loop_kind: str) -> None:
+    poison = run_poison(infra, PermanentError("bad input"), loop_kind)
+    assert poison.attempts == 1
+    assert poison.given_up == [(0, "PermanentError")]
+    assert sorted(poison.handled) == [1, 2]
+
+
+def test_a_broken_give_up_step_is_retried_then_the_message_skipped(infra: EmbeddedInfra) -> None:
+    """Even failing the task can fail; that too is bounded: the message is skipped, the loop goes on."""
+    settings, topic, group = backlog_topic(infra, 1, 3)
+    stop = threading.Event()
+    poison = PoisonHandler(KeyError("a bug"), stop, expected=2, give_up_fails=10)
+    loop = PausingConsumerLoop(
+        kafka.make_consumer(settings, group),
+        topic,
+        poison.handle,
+        stop,
+        "poison",
+        give_up=poison.give_up,
+        policy=FailurePolicy(unexpected_retries=1),
+    )
+    assert run_until_stopped(loop, stop)
+    assert poison.given_up == [] and sorted(poison.handled) == [1, 2]
+    assert committed_offsets(settings, group, topic, 1) == {0: 3}
+
+
+def test_transient_error_is_retried_until_it_passes(infra: EmbeddedInfra) -> None:
+    settings, topic, group = backlog_topic(infra, 1, 2)
+    stop = threading.Event()
+    attempts: list[int] = []
+
+    def handle(message: Message) -> None:
+        if message.value() == b"0" and len(attempts) < 3:  # more failures than unexpected ones may have
+            attempts.append(1)
+            raise TransientError("S3 unavailable")
+        if message.value() == b"1":
+            stop.set()
+
+    loop = PausingConsumerLoop(
+        kafka.make_consumer(settings, group),
+        topic,
+        handle,
+        stop,
+        "transient",
+        give_up=never_gives_up,
+        policy=FailurePolicy(unexpected_retries=0),
+    )
+    assert run_until_stopped(loop, stop)
+    assert len(attempts) == 3

@@ -187,7 +187,9 @@ def submit_when_possible(
 def test_unreadable_message_goes_to_dead_letters(
     fault_service: Service, fault_infra: EmbeddedInfra, fault_api: httpx.Client, receiver: WebhookReceiver
 ) -> None:
-    settings = Settings(_env_file=None, kafka_bootstrap_servers=fault_infra.kafka_bootstrap_servers)  # type: ignore[call-arg]
+    settings = Settings(
+        _env_file=None, kafka_bootstrap_servers=fault_infra.kafka_bootstrap_servers, kafka_profile="embedded"
+    )  # type: ignore[call-arg]
     producer = SyncProducer(settings)
     producer.send(settings.kafka_task_topic, "garbage", b"{this is not a task")
     producer.close()

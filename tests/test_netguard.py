@@ -6,7 +6,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,9 +13,8 @@ import pytest
 
 from indextts_api import netguard
 from indextts_api.httpclient import make_http_client
-from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.infra.process import free_port
-from tests.conftest import API_PASSWORD, API_USER, api_role
+from tests.conftest import API_PASSWORD, API_USER
 
 INTERNAL_URLS = [
     "http://127.0.0.1/",
@@ -140,16 +138,9 @@ def test_redirect_to_an_internal_address_is_refused(
     assert reached == []
 
 
-@pytest.fixture(scope="module")
-def public_only_api(session_dir: Path, infra: EmbeddedInfra) -> Iterator[str]:
-    """The API role as production runs it: external infrastructure, ALLOW_PRIVATE_URLS=false."""
-    with api_role(session_dir, infra, "public-api", ALLOW_PRIVATE_URLS="false") as base_url:
-        yield base_url
-
-
 @pytest.mark.parametrize("url", INTERNAL_URLS)
 @pytest.mark.parametrize("field", ["hook_url", "spk_audio_prompt", "emo_audio_prompt"])
-def test_api_refuses_internal_urls_with_400(public_only_api: str, field: str, url: str) -> None:
+def test_api_refuses_internal_urls_with_400(public_api: str, field: str, url: str) -> None:
     body: dict[str, object] = {
         "spk_audio_prompt": "https://voices.example.com/a.wav",
         "text": "hi",
@@ -159,6 +150,6 @@ def test_api_refuses_internal_urls_with_400(public_only_api: str, field: str, ur
         body["params"] = {"emo_control_method": 1, "emo_audio_prompt": url}
     else:
         body[field] = url
-    response = httpx.post(f"{public_only_api}/generate", json=body, auth=(API_USER, API_PASSWORD), timeout=10)
+    response = httpx.post(f"{public_api}/generate", json=body, auth=(API_USER, API_PASSWORD), timeout=10)
     assert response.status_code == 400, response.text
     assert "only public URLs are allowed" in response.json()["error"]

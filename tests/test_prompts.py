@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 import httpx
@@ -10,8 +12,21 @@ import pytest
 import soundfile
 
 from indextts_api.devtools import WebhookReceiver
-from tests.conftest import PROMPT_MAX_BYTES, SLOW_RESPONSE_S, FileServer, speech_like_wav
-from tests.test_pipeline import WEBHOOK_TIMEOUT_S, assert_speech, fetch_wav, submit
+from tests.conftest import (
+    PROMPT_MAX_BYTES,
+    SLOW_RESPONSE_S,
+    FileServer,
+    Service,
+    speech_like_wav,
+    wait_for_worker,
+    worker_pids,
+)
+from tests.test_pipeline import TEXT, WEBHOOK_TIMEOUT_S, assert_speech, fetch_wav, submit
+from tests.test_prompt_bounds import misbehaving_server
+
+# The service's PROMPT_READ_TIMEOUT_S and PROMPT_DOWNLOAD_TIMEOUT_S (conftest).
+READ_TIMEOUT_S = 2.0
+DOWNLOAD_TIMEOUT_S = 4.0
 
 
 def failure_of(api: httpx.Client, receiver: WebhookReceiver, prompt: str) -> str:
@@ -108,3 +123,60 @@ def test_long_text_is_spoken_whole(api: httpx.Client, receiver: WebhookReceiver)
     assert_speech(audio, rate, min_seconds=100)
     # Speech until the end: the last seconds are not silence.
     assert np.sqrt(np.mean(audio[-3 * rate :] ** 2)) > 0.01
+
+
+@pytest.mark.timeout(120)
+def test_prompt_server_that_drips_is_cut_at_the_download_deadline(api: httpx.Client, receiver: WebhookReceiver) -> None:
+    # A byte every 1.5 s never trips the 2 s read timeout; before, the worker waited for all of them.
+    with misbehaving_server() as server:
+        started = time.monotonic()
+        message = failure_of(api, receiver, server.url(f"drip/{READ_TIMEOUT_S - 0.5}"))
+        elapsed = time.monotonic() - started
+    assert "download timed out" in message
+    assert elapsed < DOWNLOAD_TIMEOUT_S + 6, f"the failure took {elapsed:.1f} s"
+
+
+@pytest.mark.timeout(120)
+def test_failure_messages_name_no_server_path(
+    api: httpx.Client, receiver: WebhookReceiver, service: Service, file_server: FileServer, prompt_dir: Path
+) -> None:
+    junk = b"RIFF this is not audio" * 100
+    (prompt_dir / "junk-local.wav").write_bytes(junk)
+    (file_server.root / "junk.wav").write_bytes(junk)
+    server_paths = [str(path) for path in (service.data_dir, prompt_dir)]
+    server_paths += [str(Path(path).resolve()) for path in server_paths]
+    for prompt in ("junk-local.wav", file_server.url("junk.wav")):
+        message = failure_of(api, receiver, prompt)
+        assert message == "spk_audio_prompt is not a readable audio file (WAV, FLAC, MP3, OGG): Format not recognised."
+    # A path the file system refuses (through a regular file) is refused by the API, as plainly.
+    body = {"spk_audio_prompt": "example.wav/x.wav", "text": TEXT, "hook_url": receiver.url("/tts-complete")}
+    response = api.post("/generate", json=body)
+    assert response.status_code == 400, response.text
+    assert "does not exist in the prompt directory" in response.json()["error"]
+    assert not [path for path in server_paths if path in response.text]
+
+
+def _status_kb(pid: int, field: str) -> int:
+    found = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert found, field
+    return int(found.group(1))
+
+
+@pytest.mark.timeout(300)
+def test_ten_thousand_character_word_is_spoken_in_bounded_memory(
+    api: httpx.Client, receiver: WebhookReceiver, service: Service
+) -> None:
+    """Said as one utterance, this word grew the Piper worker by 1.4-3.1 GB; cut into segments of
+    at most 300 characters, by about 200 MB (see engines/segments.py)."""
+    worker = wait_for_worker(service.process.pid, "tts-worker")
+    Path(f"/proc/{worker}/clear_refs").write_text("5")  # a fresh peak (VmHWM) from here on
+    before_kb = _status_kb(worker, "VmRSS")
+    task_uuid = submit(api, receiver, "example.wav", text="a" * 10_000)
+    [hook] = receiver.wait_for(task_uuid, 240)
+    growth_mb = (_status_kb(worker, "VmHWM") - before_kb) / 1024
+    assert hook.payload["status"] == "success", hook.payload
+    assert worker in worker_pids(service.process.pid, "tts-worker")  # the same worker, alive
+    assert growth_mb < 500, f"the worker grew by {growth_mb:.0f} MB"
+    audio, rate, _ = fetch_wav(hook.payload["s3_url"])
+    print(f"10,000-character word: {len(audio) / rate:.0f} s of audio, worker peak growth {growth_mb:.0f} MB")
+    assert len(audio) / rate > 30

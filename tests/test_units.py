@@ -12,12 +12,11 @@ from dotenv import dotenv_values
 from pydantic import ValidationError
 from standardwebhooks import Webhook
 
-from indextts_api.api.app import describe_validation_error
 from indextts_api.config import Settings
 from indextts_api.engines.piper import ignored_features
 from indextts_api.engines.segments import approx_tokens, split_text
 from indextts_api.prompts import PromptError, resolve_local_prompt
-from indextts_api.schemas import TaskCreate, TaskParams
+from indextts_api.schemas import TaskCreate, TaskParams, check_http_url, describe_validation_error
 from indextts_api.storage import audio_key, public_url
 from indextts_api.webhooks import secret_bytes, signature_headers
 from tests.conftest import ROOT
@@ -138,6 +137,16 @@ def test_task_create_rejects(change: dict[str, object]) -> None:
         TaskCreate.model_validate({**VALID, **change})
 
 
+def test_url_check_names_each_caller_field_and_returns_the_url_unchanged() -> None:
+    # The verdict is remembered per URL; the field name in the message is each caller's own.
+    url = "http://voices..example.com/voice.wav"
+    for what in ("hook_url", "spk_audio_prompt", "hook_url"):
+        with pytest.raises(ValueError, match=rf"^{what} host 'voices\.\.example\.com' has an empty label$"):
+            check_http_url(url, what)
+    for usable in ("https://BÜCHER.example:8443/a%20b.wav", "http://[2606:4700:4700::1111]/a.wav"):
+        assert check_http_url(usable, "hook_url") == usable
+
+
 def test_task_params_defaults_match_the_spec() -> None:
     params = TaskParams()
     assert (params.emo_weight, params.temperature, params.top_p, params.top_k) == (0.65, 0.8, 0.8, 30)
@@ -246,3 +255,29 @@ def test_piper_threads_share_the_cores_among_the_workers() -> None:
     assert settings(piper_threads=3).piper_threads_per_engine == 3
     assert settings(tts_workers=1).piper_threads_per_engine == cores
     assert settings(tts_workers=cores * 2).piper_threads_per_engine == 1
+
+
+# --- Kafka replication warnings -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("replicas", "min_insync", "brokers", "warned"),
+    [
+        (1, 1, 1, None),  # one broker (the embedded one): nothing to fail over to
+        (1, 1, 3, "1 replica"),
+        (3, 3, 3, "writes stop"),
+        (2, 2, 3, "writes stop"),
+        (3, 1, 3, "min.insync.replicas=1"),
+        (3, 2, 3, None),  # the usual production setting survives one broker
+    ],
+)
+def test_replication_that_cannot_survive_a_broker_is_named(
+    replicas: int, min_insync: int, brokers: int, warned: str | None
+) -> None:
+    from indextts_api.kafka import replication_problem
+
+    problem = replication_problem("tts_tasks", replicas, min_insync, brokers)
+    if warned is None:
+        assert problem is None
+    else:
+        assert problem is not None and warned in problem and "tts_tasks" in problem

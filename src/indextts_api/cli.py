@@ -103,7 +103,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "indextts-api") -> int:
     try:
         settings = configure(**overrides)
     except ValidationError as exc:
-        print(f"error: invalid configuration:\n{exc}", file=sys.stderr)
+        # The rules broken, without the values given: those may be secrets.
+        problems = [
+            f"  {'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        ]
+        print("error: invalid configuration:\n" + "\n".join(problems), file=sys.stderr)
         return 2
     setup_logging(settings.log_level, settings.log_format, args.role)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +20,30 @@ EngineName = Literal["auto", "indextts2", "piper"]
 
 # Placeholders from the spec's example configuration: never acceptable as real credentials.
 PLACEHOLDER_SECRETS = frozenset({"your_password", "your_username", "changeme", "password", "secret"})
+
+
+@dataclass(frozen=True)
+class KafkaTuning:
+    """The client settings that depend on the broker (``kafka.tuning`` picks the profile)."""
+
+    profile: Literal["embedded", "kafka"]
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    fetch_wait_max_ms: int
+    delivery_timeout_ms: int
+
+
+# An operator's Kafka: Kafka's (and librdkafka's) own defaults. A 45 s session outlasts a group
+# coordinator moving to another broker (~10 s when a broker dies: a 6 s session lost every
+# partition in that time); a waiting fetch is answered as soon as data arrives, so 500 ms costs
+# no latency and a fraction of the brokers' CPU of a 20 ms wait.
+KAFKA_DEFAULTS = KafkaTuning(
+    profile="kafka",
+    session_timeout_ms=45_000,
+    heartbeat_interval_ms=3_000,
+    fetch_wait_max_ms=500,
+    delivery_timeout_ms=30_000,
+)
 
 
 class Settings(BaseSettings):
@@ -40,7 +65,17 @@ class Settings(BaseSettings):
     kafka_tts_consumer_group: str = "tts_workers"
     kafka_upload_consumer_group: str = "upload_workers"
     kafka_topic_partitions: int = Field(default=12, ge=1)
-    kafka_replication_factor: int = Field(default=1, ge=1)
+    # Empty: the cluster's own default (default.replication.factor; 1 for the embedded broker).
+    kafka_replication_factor: int | None = Field(default=None, ge=1)
+    # Client tuning: "embedded" (the Tansu broker this service starts), "kafka" (an operator's
+    # cluster: Kafka's defaults), auto = embedded when KAFKA_BOOTSTRAP_SERVERS is unset.
+    kafka_profile: Literal["auto", "embedded", "kafka"] = "auto"
+    # Overrides of the profile's values (empty: the profile's).
+    kafka_session_timeout_ms: int | None = Field(default=None, ge=1000)
+    kafka_heartbeat_interval_ms: int | None = Field(default=None, ge=100)
+    kafka_fetch_wait_max_ms: int | None = Field(default=None, ge=0)
+    # How long a produce may wait for the broker's acknowledgement: longer than a broker failover.
+    kafka_delivery_timeout_ms: int = Field(default=30_000, ge=1000)
     kafka_security_protocol: str | None = None  # e.g. SASL_SSL for MSK / Confluent Cloud
     kafka_sasl_mechanism: str | None = None  # e.g. PLAIN, SCRAM-SHA-512
     kafka_sasl_username: str | None = None
@@ -111,6 +146,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0]
     )
     kafka_webhook_retry_topic: str = "tts_webhook_retries"
+    # A message whose handling raised an unexpected exception is retried this many times (backoff
+    # 1, 2, 5, 10 s), then its task fails and it goes to the dead-letter topic.
+    unexpected_error_retries: int = Field(default=4, ge=0)
     upload_concurrency: int = Field(default=4, ge=1)  # results handled at once by one upload worker
     webhook_retry_concurrency: int = Field(default=8, ge=1)
 
@@ -170,6 +208,10 @@ class Settings(BaseSettings):
         "s3_presign",
         "allow_private_urls",
         "engine_cache_dir",
+        "kafka_replication_factor",
+        "kafka_session_timeout_ms",
+        "kafka_heartbeat_interval_ms",
+        "kafka_fetch_wait_max_ms",
         mode="before",
     )
     @classmethod
@@ -183,6 +225,12 @@ class Settings(BaseSettings):
         password = self.api_password.get_secret_value() if self.api_password else None
         if password is not None and password.lower() in PLACEHOLDER_SECRETS:
             raise ValueError("API_PASSWORD is a placeholder from the example configuration; set a real one")
+        for name, value in (("API_USERNAME", self.api_username), ("API_PASSWORD", password)):
+            try:
+                (value or "").encode("utf-8")
+            except UnicodeEncodeError:
+                # Bytes that are not UTF-8 (in the environment or .env): no client could send them.
+                raise ValueError(f"{name} is not valid UTF-8") from None
         return self
 
     # --- Derived facts ----------------------------------------------------------------------

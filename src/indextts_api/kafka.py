@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -19,26 +20,37 @@ from typing import Any
 
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType  # type: ignore[attr-defined]
 
-from indextts_api.config import Settings
+from indextts_api.config import KAFKA_DEFAULTS, KafkaTuning, Settings
+from indextts_api.infra.embedded import TANSU_TUNING
 
 logger = logging.getLogger(__name__)
 
 Consumer = _Consumer
 
-# Tansu (and small clusters) need a short session for a quick first group join: with
-# librdkafka's 45 s default the first join took ~23 s there, with these ~3 s (DESIGN.md).
-SESSION_TIMEOUT_MS = 6000
-# A third of the session, Kafka's usual ratio. Tansu stores every heartbeat as an S3 write (4 ms
-# of its CPU and 4 ms of SeaweedFS's each, measured): at 500 ms the three idle consumers cost
-# 6 writes/s. Joins and rebalances took as long at 2000 as at 500 ms (3.1 s first join, 11.1 s
-# for a second member; a member leaving 3.9 s instead of 3.4 s).
-HEARTBEAT_INTERVAL_MS = 2000
-
 
 class BrokerUnavailable(RuntimeError):
-    """The broker did not acknowledge a message in time."""
+    """The broker did not acknowledge a message: it was not stored."""
+
+
+class OutcomeUnknown(BrokerUnavailable):
+    """No acknowledgement came in time after the message was sent: it may have been stored."""
+
+
+def tuning(settings: Settings) -> KafkaTuning:
+    """The client tuning in force: the embedded broker's (KAFKA_PROFILE=embedded, or auto with no
+    KAFKA_BOOTSTRAP_SERVERS) or Kafka's defaults, with the KAFKA_*_MS overrides applied."""
+    embedded = settings.kafka_profile == "embedded" or (settings.kafka_profile == "auto" and settings.kafka_embedded)
+    base = TANSU_TUNING if embedded else KAFKA_DEFAULTS
+    fetch_wait = settings.kafka_fetch_wait_max_ms
+    return dataclasses.replace(
+        base,
+        session_timeout_ms=settings.kafka_session_timeout_ms or base.session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms or base.heartbeat_interval_ms,
+        fetch_wait_max_ms=base.fetch_wait_max_ms if fetch_wait is None else fetch_wait,
+        delivery_timeout_ms=settings.kafka_delivery_timeout_ms,
+    )
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -67,17 +79,22 @@ _last_reported: dict[int, float] = {}
 _REPORT_EVERY_S = 10.0
 
 
+# Told when librdkafka reports that no broker is reachable (the API's producer refuses at once).
+_ALL_BROKERS_DOWN_LISTENERS: list[Callable[[], None]] = []
+
+
 def _log_client_error(error: KafkaError) -> None:
     # librdkafka reconnects by itself; an outage is reported, once per kind every few seconds.
+    if error.code() == KafkaError._ALL_BROKERS_DOWN:
+        for listener in list(_ALL_BROKERS_DOWN_LISTENERS):
+            listener()
     now = time.monotonic()
     if now - _last_reported.get(error.code(), -_REPORT_EVERY_S) >= _REPORT_EVERY_S:
         _last_reported[error.code()] = now
         logger.warning("kafka client: %s", error)
 
 
-def make_producer(
-    settings: Settings, *, linger_ms: int = 1, message_timeout_ms: int = 15000, idempotent: bool = True
-) -> Producer:
+def make_producer(settings: Settings, *, linger_ms: int = 1, idempotent: bool = True) -> Producer:
     """A producer with acks=all: a delivered message is durable. An ``idempotent`` one also never
     duplicates a message by retrying it (the broker then stores the producer's sequence numbers:
     on Tansu one more S3 write per request, 3 instead of 2, +1.2 ms, measured)."""
@@ -88,22 +105,24 @@ def make_producer(
             "acks": "all",
             "linger.ms": linger_ms,
             # librdkafka's own verdict arrives within this time: a send is either acked or failed.
-            "message.timeout.ms": message_timeout_ms,
+            # Longer than a broker failover (acks=all writes stall ~10 s while a cluster fences a
+            # dead broker), so a task that the cluster stores is not reported as refused.
+            "message.timeout.ms": tuning(settings).delivery_timeout_ms,
             "error_cb": _log_client_error,
         }
     )
 
 
-# How long the broker may hold a fetch that finds nothing. Tansu answers an empty fetch only after
-# this wait and does not wake it when a message arrives, so it is also the consumer's pick-up
-# latency (half of it on average); each fetch costs the broker a read of every partition fetched.
-LOW_LATENCY_FETCH_WAIT_MS = 20
-# For consumers whose messages are due seconds from now (webhook retries): a fraction of the load.
+# For consumers whose messages are due seconds from now (webhook retries): a fraction of the
+# broker's load, whatever the profile's wait.
 RELAXED_FETCH_WAIT_MS = 500
 
 
-def make_consumer(settings: Settings, group_id: str, fetch_wait_ms: int = LOW_LATENCY_FETCH_WAIT_MS) -> Consumer:
-    """A consumer with manual commits that starts a new group at the earliest offset."""
+def make_consumer(settings: Settings, group_id: str, *, relaxed: bool = False) -> Consumer:
+    """A consumer with manual commits that starts a new group at the earliest offset, tuned for
+    the broker (``tuning``)."""
+    tuned = tuning(settings)
+    fetch_wait = max(tuned.fetch_wait_max_ms, RELAXED_FETCH_WAIT_MS) if relaxed else tuned.fetch_wait_max_ms
     return Consumer(
         {
             **client_config(settings),
@@ -113,9 +132,9 @@ def make_consumer(settings: Settings, group_id: str, fetch_wait_ms: int = LOW_LA
             # A group that starts fresh must see tasks queued before any worker joined.
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": SESSION_TIMEOUT_MS,
-            "heartbeat.interval.ms": HEARTBEAT_INTERVAL_MS,
-            "fetch.wait.max.ms": fetch_wait_ms,
+            "session.timeout.ms": tuned.session_timeout_ms,
+            "heartbeat.interval.ms": tuned.heartbeat_interval_ms,
+            "fetch.wait.max.ms": fetch_wait,
             "fetch.queue.backoff.ms": 5,
             "error_cb": _log_client_error,
         }
@@ -127,24 +146,28 @@ def make_admin(settings: Settings) -> AdminClient:
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Create the task, result, dead-letter and webhook retry topics if they do not exist."""
+    """Create the task, result, dead-letter and webhook retry topics if they do not exist, and warn
+    about those that cannot survive the loss of a broker."""
     admin = make_admin(settings)
-    wanted = [
-        settings.kafka_task_topic,
-        settings.kafka_result_topic,
-        settings.kafka_dead_letter_topic,
-        *settings.webhook_retry_topics,
-    ]
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    missing = [name for name in wanted if name not in existing]
-    if not missing:
-        return
+    missing = [name for name in service_topics(settings) if name not in existing]
+    if missing:
+        _create_topics(settings, admin, missing, timeout_s)
+    try:
+        for problem in replication_warnings(settings, admin, timeout_s):
+            logger.warning("%s", problem)
+    except KafkaException as exc:  # a warning only: an ACL may forbid describing configs
+        logger.warning("could not check the topics' replication: %s", exc)
+
+
+def _create_topics(settings: Settings, admin: AdminClient, missing: list[str], timeout_s: float) -> None:
     futures = admin.create_topics(
         [
             NewTopic(
                 name,
                 num_partitions=settings.kafka_topic_partitions,
-                replication_factor=settings.kafka_replication_factor,
+                # -1: the cluster's default.replication.factor, unless the operator sets one.
+                replication_factor=settings.kafka_replication_factor or -1,
             )
             for name in missing
         ],
@@ -159,6 +182,51 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             # Another process may have created it between our listing and our request.
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+
+
+def service_topics(settings: Settings) -> list[str]:
+    return [
+        settings.kafka_task_topic,
+        settings.kafka_result_topic,
+        settings.kafka_dead_letter_topic,
+        *settings.webhook_retry_topics,
+    ]
+
+
+def replication_problem(topic: str, replicas: int, min_insync: int, brokers: int) -> str | None:
+    """Why ``topic`` cannot survive the loss of one broker of a multi-broker cluster, if it cannot."""
+    if brokers < 2:
+        return None  # a single broker: nothing to fail over to (the embedded one, a trial cluster)
+    if replicas < 2:
+        return f"topic {topic} has 1 replica: losing the broker that holds a partition loses its tasks"
+    if min_insync >= replicas:
+        return (
+            f"topic {topic} has {replicas} replicas and min.insync.replicas={min_insync}: "
+            "acks=all writes stop while one broker is down"
+        )
+    if min_insync < 2:
+        return f"topic {topic} has min.insync.replicas=1: an acknowledged task may be on one broker only"
+    return None
+
+
+def replication_warnings(settings: Settings, admin: AdminClient, timeout_s: float = 10.0) -> list[str]:
+    """The service's topics that cannot survive the loss of one broker (empty on one broker)."""
+    metadata = admin.list_topics(timeout=timeout_s)
+    if len(metadata.brokers) < 2:
+        return []
+    present = [name for name in service_topics(settings) if name in metadata.topics]
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in present]
+    configs = admin.describe_configs(resources, request_timeout=timeout_s) if resources else {}
+    problems = []
+    for resource, future in configs.items():
+        entries = future.result(timeout=timeout_s)
+        min_insync = int(entries["min.insync.replicas"].value)
+        partitions = metadata.topics[resource.name].partitions.values()
+        replicas = min((len(partition.replicas) for partition in partitions), default=0)
+        problem = replication_problem(resource.name, replicas, min_insync, len(metadata.brokers))
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def is_fatal(error: KafkaError) -> bool:
@@ -217,10 +285,12 @@ class SyncProducer:
 
     def __init__(self, settings: Settings, *, idempotent: bool = True) -> None:
         self._served = _ServedProducer("producer", lambda: make_producer(settings, idempotent=idempotent))
+        # librdkafka's verdict comes within its delivery timeout; a little more for the report.
+        self._verdict_timeout_s = tuning(settings).delivery_timeout_ms / 1000 + 5
 
     def submit(self, topic: str, key: str, value: bytes) -> Future[None]:
         """Produce one message; the future completes once it is stored, or fails with BrokerUnavailable
-        (within the producer's message timeout, 15 s)."""
+        (within the producer's delivery timeout, KAFKA_DELIVERY_TIMEOUT_MS)."""
         producer = self._served.producer
         acknowledged: Future[None] = Future()
 
@@ -238,12 +308,14 @@ class SyncProducer:
             raise BrokerUnavailable(f"cannot produce to {topic}: {exc}") from exc
         return acknowledged
 
-    def send(self, topic: str, key: str, value: bytes, timeout_s: float = 30.0) -> None:
+    def send(self, topic: str, key: str, value: bytes) -> None:
         """Produce one message and block until it is stored, or raise BrokerUnavailable."""
         try:
-            self.submit(topic, key, value).result(timeout=timeout_s)
+            self.submit(topic, key, value).result(timeout=self._verdict_timeout_s)
         except TimeoutError as exc:
-            raise BrokerUnavailable(f"no acknowledgement from the broker for {topic} within {timeout_s:.0f} s") from exc
+            raise BrokerUnavailable(
+                f"no acknowledgement from the broker for {topic} within {self._verdict_timeout_s:.0f} s"
+            ) from exc
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._served.close(timeout_s)
@@ -312,37 +384,61 @@ class AsyncProducer:
     the accept rate more than doubled, while a lone request pays no linger at all).
     """
 
-    # The broker's verdict (ack or failure) comes within MESSAGE_TIMEOUT_MS, so a request never
-    # answers 503 for a task that is then stored after all.
-    MESSAGE_TIMEOUT_MS = 8000
     BATCH_LINGER_MS = 5
     METADATA_REFRESH_S = 30.0
+    # While librdkafka reports every broker down, the metadata thread probes this often, so that
+    # requests are refused at once during an outage and accepted again as soon as it ends.
+    DOWN_PROBE_S = 1.0
+    # The request waits this much longer than librdkafka's own delivery timeout for its verdict.
+    VERDICT_MARGIN_S = 2.0
 
     def __init__(self, settings: Settings) -> None:
         def lane(linger_ms: int) -> Callable[[], Producer]:
-            return lambda: make_producer(settings, linger_ms=linger_ms, message_timeout_ms=self.MESSAGE_TIMEOUT_MS)
+            return lambda: make_producer(settings, linger_ms=linger_ms)
 
+        self._delivery_timeout_s = tuning(settings).delivery_timeout_ms / 1000
+        # Since when librdkafka has said that no broker is reachable (None: reachable, as far as
+        # we know). A message produced meanwhile can only sit in librdkafka's queue: not stored.
+        self._brokers_down_since: float | None = None
+        _ALL_BROKERS_DOWN_LISTENERS.append(self._on_all_brokers_down)
         self._express = _Lane("express", lane(0))
         self._batch = _Lane("batch", lane(self.BATCH_LINGER_MS))
         self._waiting = 0  # requests waiting for the broker (touched on the event loop only)
         self._spreader = PartitionSpreader()
         self._stopping = threading.Event()
+        self._probe_now = threading.Event()  # wakes the metadata thread (an outage, or stopping)
         self._metadata = threading.Thread(target=self._refresh_metadata, name="kafka-metadata", daemon=True)
         self._metadata.start()
+
+    def _on_all_brokers_down(self) -> None:
+        if self._brokers_down_since is None:
+            self._brokers_down_since = time.monotonic()
+        self._probe_now.set()  # the metadata thread may be in its 30 s wait: probe every second now
 
     def _refresh_metadata(self) -> None:
         while True:
             try:
                 topics = self._batch.producer.list_topics(timeout=5).topics
+                self._brokers_down_since = None  # a broker answered
                 self._spreader.partition_counts = {
                     name: len(metadata.partitions) for name, metadata in topics.items() if metadata.error is None
                 }
             except KafkaException as exc:
                 logger.debug("no topic metadata yet: %s", exc)
-            if self._stopping.wait(self.METADATA_REFRESH_S if self._spreader.partition_counts else 1.0):
+            if self._brokers_down_since is not None:
+                wait_s = self.DOWN_PROBE_S
+            else:
+                wait_s = self.METADATA_REFRESH_S if self._spreader.partition_counts else 1.0
+            self._probe_now.wait(wait_s)
+            self._probe_now.clear()
+            if self._stopping.is_set():
                 return
 
-    async def send(self, topic: str, key: str, value: bytes, timeout_s: float = 12.0) -> None:
+    async def send(self, topic: str, key: str, value: bytes) -> None:
+        """Store one message; raises BrokerUnavailable when it was not stored, OutcomeUnknown when
+        it was sent but no verdict came in time (it may be stored)."""
+        if self._brokers_down_since is not None:
+            raise BrokerUnavailable("no broker is reachable")  # nothing is sent: nothing stored
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[None] = loop.create_future()
         lane = self._batch if self._waiting else self._express
@@ -361,17 +457,41 @@ class AsyncProducer:
             raise BrokerUnavailable("producer queue is full; the broker is not keeping up") from exc
         self._waiting += 1
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(self._delivery_timeout_s + self.VERDICT_MARGIN_S):
                 await delivered
         except TimeoutError as exc:
-            raise BrokerUnavailable(f"no acknowledgement from the broker within {timeout_s:.0f} s") from exc
+            raise OutcomeUnknown(f"no verdict from the broker within {self._delivery_timeout_s:.0f} s") from exc
         finally:
             self._waiting -= 1
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._stopping.set()
+        self._probe_now.set()
+        with contextlib.suppress(ValueError):
+            _ALL_BROKERS_DOWN_LISTENERS.remove(self._on_all_brokers_down)
         self._express.close(timeout_s)
         self._batch.close(timeout_s)
+
+
+# Delivery errors after which the message may be stored all the same: it was sent (or may have
+# been) and the answer was lost or late, or the leader wrote it but could not replicate it in time.
+_OUTCOME_UNKNOWN_ERRORS = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TRANSPORT,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    }
+)
+
+
+def delivery_failure(error: KafkaError) -> BrokerUnavailable:
+    """What a delivery error means for the message: not stored, or perhaps stored."""
+    if error.code() in _OUTCOME_UNKNOWN_ERRORS:
+        return OutcomeUnknown(f"the broker's verdict was lost: {error}")
+    return BrokerUnavailable(f"broker refused the message: {error}")
 
 
 def _settle_all(verdicts: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
@@ -381,7 +501,7 @@ def _settle_all(verdicts: list[tuple[asyncio.Future[None], KafkaError | None]]) 
         if error is None:
             future.set_result(None)
         else:
-            future.set_exception(BrokerUnavailable(f"broker refused the message: {error}"))
+            future.set_exception(delivery_failure(error))
 
 
 def dead_letter(producer: SyncProducer, settings: Settings, message: Message, reason: str) -> None:

@@ -45,6 +45,17 @@ WEBHOOK_DELIVERIES = Counter(
 TASKS_IN_FLIGHT = Gauge(
     "indextts_tasks_in_flight", "Tasks being worked on now, by stage", ["stage"], multiprocess_mode="livesum"
 )
+MESSAGE_FAILURES = Counter(
+    "indextts_message_failures_total",
+    "Failed handlings of a message, by worker role and kind (transient, permanent, unexpected)",
+    ["role", "kind"],
+)
+MESSAGES_RETRYING = Gauge(
+    "indextts_messages_retrying",
+    "Messages a worker is retrying now (a worker stuck on one shows here)",
+    ["role"],
+    multiprocess_mode="livesum",
+)
 CONSUMER_LAG = Gauge(
     "indextts_kafka_consumer_lag",
     "Messages not yet committed by the group",

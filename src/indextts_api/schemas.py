@@ -6,31 +6,127 @@ topic), ``ResultMessage`` (Kafka result topic), ``WebhookPayload`` (POST to the 
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import time
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
+import idna
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from indextts_api.config import get_settings
 
 MESSAGE_VERSION: Literal[1] = 1
 MAX_URL_CHARS = 2048
+# Local prompt paths: NAME_MAX of Linux file systems per component, and a total that stays far
+# below PATH_MAX (4096 bytes) once the prompt directory is prepended.
+MAX_PATH_COMPONENT_BYTES = 255
+MAX_PROMPT_PATH_BYTES = 1024
+MAX_HOST_CHARS = 253
+MAX_LABEL_CHARS = 63
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0)]
 
+# Never part of a working URL, anywhere in it: C0 and C1 controls, DEL and whitespace (a client
+# must percent-encode them). urlsplit silently drops tab, CR and LF, so without this check the URL
+# stored could differ from the one a worker fetches, or a header could be split.
+_URL_FORBIDDEN = re.compile(r"[\x00-\x20\x7f-\x9f\s]")
+# A label a resolver can look up (hostnames are lowercased by urlsplit): letters, digits and hyphen,
+# plus underscore, which real internal names use. RFC 3986 allows more in a host (sub-delims,
+# %-escapes), but no such name can ever resolve.
+_HOST_LABEL = re.compile(r"[a-z0-9_-]+")
+
+
+def check_unicode(value: str, what: str) -> str:
+    """``value`` if it is valid Unicode, or ValueError naming ``what``."""
+    error = _unicode_error(value)
+    if error:
+        raise ValueError(f"{what} {error}")
+    return value
+
+
+def _unicode_error(value: str) -> str | None:
+    """Where ``value`` holds a lone surrogate, or None. JSON's ``"\\ud800"`` decodes to one: Python
+    holds it, but it cannot be encoded as UTF-8, so the task would fail when serialized for Kafka."""
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode: lone surrogate {value[exc.start]!a} at character {exc.start}"
+    return None
+
+
+def _host_error(host: str) -> str | None:
+    """Why ``host`` (as urlsplit gives it: lowercased, IPv6 without brackets) can never resolve, or None."""
+    if ":" in host:
+        return None  # an IPv6 literal: urlsplit and httpx validate it
+    name = host.removesuffix(".")  # the root label of an absolute name
+    if not name.isascii():
+        try:
+            name = idna.encode(name).decode("ascii")  # IDNA 2008, as httpx encodes it
+        except UnicodeError as exc:  # idna.IDNAError is one
+            return f"host {host!a} is not a valid internationalized domain name ({exc})"
+    if len(name) > MAX_HOST_CHARS:
+        return f"host is longer than {MAX_HOST_CHARS} characters"
+    for label in name.split("."):
+        if not label:
+            return f"host {host!a} has an empty label"
+        if len(label) > MAX_LABEL_CHARS:
+            return f"host has a label longer than {MAX_LABEL_CHARS} characters"
+        if not _HOST_LABEL.fullmatch(label):
+            return f"host {host!a} has a character no host name can hold (letters, digits, '-' and '_' only)"
+    return None
+
 
 def check_http_url(value: str, what: str) -> str:
-    """An absolute http(s) URL with a host, or ValueError naming ``what``."""
+    """An absolute http(s) URL that the HTTP client can build and whose host could resolve, without
+    credentials; else ValueError naming ``what``. The API checks at submission, the workers may again."""
     if len(value) > MAX_URL_CHARS:
         raise ValueError(f"{what} is longer than {MAX_URL_CHARS} characters")
-    parts = urlsplit(value)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be an absolute http:// or https:// URL")
-    if parts.username or parts.password:
-        raise ValueError(f"{what} must not carry credentials")
+    error = _url_error(value)
+    if error:
+        raise ValueError(f"{what} {error}")
     return value
+
+
+# Building the URL as httpx does costs about 25 us (measured), and a POST /generate has up to three
+# URLs; clients send the same few hook and voice URLs again and again, so verdicts are remembered
+# (keys are at most MAX_URL_CHARS long: at most a few MB).
+@functools.lru_cache(maxsize=1024)
+def _url_error(value: str) -> str | None:
+    """Why ``value`` is not a usable http(s) URL (to follow its field's name), or None."""
+    unicode_error = _unicode_error(value)
+    if unicode_error:
+        return unicode_error
+    forbidden = _URL_FORBIDDEN.search(value)
+    if forbidden:
+        return f"contains a control character or space ({forbidden.group()!a} at character {forbidden.start()})"
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError for a port that is not a number or is over 65535
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http:// or https:// URL"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    if port == 0:
+        return "has port 0 (ports are 1-65535)"
+    host_error = _host_error(parts.hostname)
+    if host_error:
+        return host_error
+    try:
+        # What the workers' client will build, with rules of its own; reading the host decodes an
+        # xn-- label, which raises idna.IDNAError (a ValueError) for one that is not valid punycode.
+        httpx.URL(value).host  # noqa: B018
+    except (httpx.InvalidURL, ValueError) as exc:
+        return f"is not a URL the HTTP client accepts: {exc}"
+    return None
 
 
 def is_url(value: str) -> bool:
@@ -38,10 +134,15 @@ def is_url(value: str) -> bool:
 
 
 def check_audio_reference(value: str, what: str) -> str:
-    """An http(s) URL, or a relative path that stays inside the prompt directory (checked syntactically)."""
+    """An http(s) URL, or a relative path that stays inside the prompt directory (checked syntactically).
+
+    A path is also held to what every file system accepts, so that looking it up can only find the
+    file or not: a component over NAME_MAX or a path near PATH_MAX would make the lookup raise.
+    """
     value = value.strip()
     if not value:
         raise ValueError(f"{what} must not be empty")
+    check_unicode(value, what)
     if is_url(value) or value.lower().startswith(("file:", "data:")):
         return check_http_url(value, what)
     if "\x00" in value or "\\" in value:
@@ -51,6 +152,14 @@ def check_audio_reference(value: str, what: str) -> str:
         raise ValueError(f"{what} must be a URL or a path relative to the prompt directory")
     if ".." in path.parts:
         raise ValueError(f"{what} must not contain '..'")
+    if len(value.encode()) > MAX_PROMPT_PATH_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_PROMPT_PATH_BYTES} bytes")
+    if any(len(part.encode()) > MAX_PATH_COMPONENT_BYTES for part in path.parts):
+        raise ValueError(f"{what} has a path component longer than {MAX_PATH_COMPONENT_BYTES} bytes")
+    try:
+        os.fsencode(value)  # fails only on a host whose file-system encoding is not UTF-8
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} cannot be a file name in this host's file-system encoding") from None
     return value
 
 
@@ -94,6 +203,11 @@ class TaskParams(BaseModel):
     def _emo_prompt_reference(cls, value: str | None) -> str | None:
         return None if value is None else check_audio_reference(value, "emo_audio_prompt")
 
+    @field_validator("emo_text")
+    @classmethod
+    def _emo_text_is_unicode(cls, value: str | None) -> str | None:
+        return None if value is None else check_unicode(value, "emo_text")
+
     @property
     def emotion_vector(self) -> list[float]:
         return [self.vec1, self.vec2, self.vec3, self.vec4, self.vec5, self.vec6, self.vec7, self.vec8]
@@ -130,6 +244,7 @@ class TaskCreate(BaseModel):
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, value: str) -> str:
+        check_unicode(value, "text")
         if not value.strip():
             raise ValueError("text must not be empty")
         limit = get_settings().max_text_chars
@@ -153,6 +268,14 @@ class TaskQueued(BaseModel):
 
 class ErrorPublic(BaseModel):
     error: str
+
+
+class QueueOutcomeUnknown(BaseModel):
+    """504: the task was sent to the broker but its verdict did not come in time."""
+
+    error: str
+    queued: Literal["unknown"] = "unknown"
+    task_uuid: str = Field(description="the id the task has if it was stored (its webhook names it)")
 
 
 class EngineInfo(BaseModel):
@@ -227,3 +350,20 @@ class WebhookPayload(BaseModel):
 
 def now() -> float:
     return time.time()
+
+
+def describe_validation_error(error: dict[str, Any]) -> str:
+    """One line naming the field and the rule, e.g. ``params.temperature: Input should be ≤ 2``."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    kind = error.get("type", "")
+    if kind == "missing":
+        return f"{field}: required field is missing"
+    if kind == "extra_forbidden":
+        return f"{field}: unknown field"
+    if kind == "json_invalid":
+        return "body: not valid JSON"
+    if kind == "string_unicode":  # pydantic's own check, which only some string fields (and keys) get
+        return f"{field}: a string or key is not valid Unicode (a lone surrogate such as '\\ud800')"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{field}: {message}"

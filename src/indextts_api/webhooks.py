@@ -28,6 +28,7 @@ from indextts_api.logs import bind_task
 from indextts_api.metrics import WEBHOOK_DELIVERIES
 from indextts_api.schemas import WebhookPayload
 from indextts_api.tasks import TaskStateStore
+from indextts_api.workers.failures import describe
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Delivery:
     delivered: bool
     status_code: int | None = None
     error: str | None = None
+    permanent: bool = False  # the hook_url can never be delivered to: retrying is pointless
 
 
 class WebhookMessage(BaseModel):
@@ -91,7 +93,11 @@ def attempt_delivery(client: httpx.Client, settings: Settings, url: str, payload
         headers.update(signature_headers(secret, message_id, int(time.time()), body))
     try:
         response = client.post(url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, httpx.LocalProtocolError, UnicodeError, ValueError) as exc:
+        # A URL or header the client cannot even send (validation at submission refuses these;
+        # older queued tasks or other producers may still carry one).
+        return Delivery(delivered=False, error=f"{type(exc).__name__}: {exc}", permanent=True)
+    except Exception as exc:  # noqa: BLE001 - any other failure to get an answer: not delivered, retried
         return Delivery(delivered=False, error=f"{type(exc).__name__}: {exc}")
     if 200 <= response.status_code < 300:
         return Delivery(delivered=True, status_code=response.status_code)
@@ -166,9 +172,15 @@ class WebhookRetrier:
             logger.info("task %s webhook delivered on attempt %d", uuid, attempt)
             return
         WEBHOOK_DELIVERIES.labels("failed", str(attempt)).inc()
-        if not schedule_retry(
+        if delivery.permanent or not schedule_retry(
             self._producer, self._settings, pending.hook_url, pending.payload, attempt, delivery.error, pending.upload_s
         ):
             reason = f"webhook not delivered after {attempt} attempts; last error: {delivery.error}"
             WEBHOOK_DELIVERIES.labels("dead_lettered", str(attempt)).inc()
             kafka.dead_letter(self._producer, self._settings, message, reason)
+
+    def give_up(self, message: Message, failure: BaseException) -> None:
+        """A retry message whose handling failed for good (failures.py decided): dead letters."""
+        kafka.dead_letter(
+            self._producer, self._settings, message, f"webhook retry failed for good: {describe(failure)}"
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,25 +22,11 @@ from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
+from indextts_api.schemas import describe_validation_error
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
 
 logger = logging.getLogger(__name__)
-
-
-def describe_validation_error(error: dict[str, Any]) -> str:
-    """One line naming the field and the rule, e.g. ``params.temperature: Input should be ≤ 2``."""
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
-    field = ".".join(location) or "body"
-    kind = error.get("type", "")
-    if kind == "missing":
-        return f"{field}: required field is missing"
-    if kind == "extra_forbidden":
-        return f"{field}: unknown field"
-    if kind == "json_invalid":
-        return "body: not valid JSON"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{field}: {message}"
 
 
 def _unknown_field_hint(errors: list[dict[str, Any]]) -> str:
@@ -56,27 +42,40 @@ def _unknown_field_hint(errors: list[dict[str, Any]]) -> str:
     return ("; " + "; ".join(dict.fromkeys(hints))) if hints else ""
 
 
+def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """``{"error": message}``. A message may quote the client's input, and a lone surrogate in it would
+    make the JSON encoder raise (a 500 instead of the answer): such characters are sent escaped."""
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse(status_code=status_code, content={"error": safe}, headers=headers)
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     text = "; ".join(describe_validation_error(error) for error in errors) + _unknown_field_hint(errors)
-    return JSONResponse(status_code=400, content={"error": text})
+    return error_response(400, text)
 
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
 async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
-    return JSONResponse(status_code=500, content={"error": "internal server error"})
+    return error_response(500, "internal server error")
 
 
 class BodySizeLimit:
-    """Refuses bodies over ``max_bytes`` with 413, declared or streamed (pure ASGI: no per-request task)."""
+    """Refuses bodies over ``max_bytes`` with 413, declared or streamed (pure ASGI: no per-request task).
+
+    A streamed (chunked) body is counted as it is received, and the refusal is raised from
+    ``receive`` as an HTTPException, which the app answers as any other: FastAPI's body parsing
+    re-raises those, while it turns any other exception into 400 "There was an error parsing the body".
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self._too_large = f"request body larger than {max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,21 +92,13 @@ class BodySizeLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise _BodyTooLarge
+                raise StarletteHTTPException(413, self._too_large)
             return message
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:
-            await self._refuse(scope, receive, send)
+        await self.app(scope, counting_receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(status_code=413, content={"error": f"request body larger than {self.max_bytes} bytes"})
-        await response(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await error_response(413, self._too_large)(scope, receive, send)
 
 
 def _openapi_without_422(app: FastAPI) -> dict[str, Any]:

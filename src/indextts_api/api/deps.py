@@ -10,11 +10,14 @@ its thread pool, a thread hop per request.
 from __future__ import annotations
 
 import secrets
+from base64 import b64decode
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
 
 from indextts_api.api.health import HealthChecker
 from indextts_api.config import Settings
@@ -23,7 +26,34 @@ from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
 from indextts_api.tasks import TaskStateStore
 
-_basic = HTTPBasic(auto_error=False, realm="indextts-api")
+
+class _UnicodeBasic(HTTPBasic):
+    """HTTP Basic credentials decoded as UTF-8 (RFC 7617; httpx, curl and browsers send it), or as
+    Latin-1 when they are not UTF-8 (what requests and older clients send); None when absent or
+    malformed, which the caller answers with its own 401.
+
+    FastAPI's HTTPBasic decodes them as ASCII and answers 401 for anything else, so a password
+    with a non-ASCII character could never log in.
+    """
+
+    async def __call__(self, request: HTTPConnection) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        scheme, param = get_authorization_scheme_param(request.headers.get("Authorization"))
+        if scheme.lower() != "basic":
+            return None
+        try:
+            raw = b64decode(param)
+        except ValueError:  # binascii.Error is one, and so is a header value that is not ASCII
+            return None
+        try:
+            data = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            data = raw.decode("latin-1")
+        username, separator, password = data.partition(":")
+        return HTTPBasicCredentials(username=username, password=password) if separator else None
+
+
+# The scheme keeps FastAPI's name, so the OpenAPI document is unchanged.
+_basic = _UnicodeBasic(auto_error=False, realm="indextts-api", scheme_name="HTTPBasic")
 
 
 @dataclass(frozen=True)

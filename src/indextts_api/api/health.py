@@ -10,12 +10,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from indextts_api.config import Settings
-from indextts_api.kafka import make_admin
+from indextts_api.kafka import make_admin, replication_warnings
 from indextts_api.schemas import CheckPublic
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.workers.heartbeat import heartbeat_prefix
 
 CHECK_TIMEOUT_S = 2.0
+# The topics' replication changes only when an operator changes it: checked this often.
+REPLICATION_CHECK_S = 60.0
 
 
 CheckResult = CheckPublic
@@ -30,6 +32,7 @@ class HealthChecker:
         self._admin = make_admin(settings)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, CheckResult]] | None = None
+        self._replication: tuple[float, list[str]] | None = None  # (checked at, warnings)
         self.live_engines: list[dict[str, Any]] = []  # what the TTS workers reported, freshest first
 
     def checks(self) -> dict[str, CheckResult]:
@@ -49,9 +52,22 @@ class HealthChecker:
         metadata = self._admin.list_topics(topic, timeout=CHECK_TIMEOUT_S)
         if metadata.topics[topic].error is not None:
             raise RuntimeError(f"topic {topic}: {metadata.topics[topic].error}")
-        return (
+        detail = (
             f"{len(metadata.brokers)} broker(s), topic {topic} has {len(metadata.topics[topic].partitions)} partitions"
         )
+        warnings = self._replication_warnings()
+        return detail + "".join(f"; warning: {warning}" for warning in warnings)
+
+    def _replication_warnings(self) -> list[str]:
+        """Topics that cannot survive the loss of a broker (still up: a warning in the detail)."""
+        now = time.monotonic()
+        if self._replication is None or now - self._replication[0] >= REPLICATION_CHECK_S:
+            try:
+                warnings = replication_warnings(self._settings, self._admin, CHECK_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - an ACL may forbid describing configs
+                warnings = [f"could not check the topics' replication ({type(exc).__name__})"]
+            self._replication = (now, warnings)
+        return self._replication[1]
 
     def _check_s3(self) -> str:
         self._store.client.head_bucket(Bucket=self._store.bucket)
@@ -73,7 +89,15 @@ class HealthChecker:
                 f"no TTS worker has reported in the last {3 * self._settings.heartbeat_interval_s:.0f} s"
             )
         engines = sorted({str(w.get("engine")) for w in workers})
-        return f"{len(workers)} TTS worker(s), engine {', '.join(engines)}"
+        detail = f"{len(workers)} TTS worker(s), engine {', '.join(engines)}"
+        stuck = sorted((w for w in workers if w.get("retrying_since")), key=lambda w: float(w["retrying_since"]))
+        if stuck:
+            oldest = stuck[0]
+            detail += (
+                f"; {len(stuck)} retrying a message, for {time.time() - float(oldest['retrying_since']):.0f} s "
+                f"({oldest.get('host')}-{oldest.get('pid')}: {oldest.get('retrying_reason')})"
+            )
+        return detail
 
 
 def _timed(check: Callable[[], str]) -> CheckResult:

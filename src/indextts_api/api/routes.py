@@ -18,12 +18,20 @@ from indextts_api.api.deps import AuthorizedDep, ServicesDep
 from indextts_api.config import Settings
 from indextts_api.engines import describe_engine
 from indextts_api.ids import new_task_uuid
-from indextts_api.kafka import BrokerUnavailable
+from indextts_api.kafka import BrokerUnavailable, OutcomeUnknown
 from indextts_api.metrics import REQUESTS_REFUSED, TASKS_ACCEPTED
 from indextts_api.metrics import render as render_metrics
 from indextts_api.netguard import known_internal_reason
 from indextts_api.prompts import LocalPromptCheck
-from indextts_api.schemas import ErrorPublic, HealthPublic, TaskCreate, TaskMessage, TaskQueued, is_url
+from indextts_api.schemas import (
+    ErrorPublic,
+    HealthPublic,
+    QueueOutcomeUnknown,
+    TaskCreate,
+    TaskMessage,
+    TaskQueued,
+    is_url,
+)
 from indextts_api.tasks import TaskPublic
 
 logger = logging.getLogger(__name__)
@@ -33,7 +41,14 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorPublic, "description": "Missing or wrong credentials"},
     413: {"model": ErrorPublic, "description": "Request body too large"},
     503: {"model": ErrorPublic, "description": "The task queue is unavailable; nothing was queued"},
+    504: {
+        "model": QueueOutcomeUnknown,
+        "description": "The task was sent but the broker's verdict did not come in time: it may be queued "
+        "(its webhook would name task_uuid). Retry-After says when to look again.",
+    },
 }
+# A client told the outcome is unknown may retry after this long (a broker failover is ~10-30 s).
+RETRY_AFTER_UNKNOWN_S = 30
 
 
 def health(services: ServicesDep) -> JSONResponse:
@@ -118,6 +133,19 @@ async def generate(task: TaskCreate, services: AuthorizedDep) -> Response:
     )
     try:
         await producer.send(settings.kafka_task_topic, task_uuid, message.model_dump_json().encode())
+    except OutcomeUnknown as exc:
+        # Not a 503: the task may be stored, and then it will be synthesized and its webhook sent.
+        logger.error("task %s may or may not be queued: %s", task_uuid, exc)
+        REQUESTS_REFUSED.labels("504").inc()
+        unknown = QueueOutcomeUnknown(
+            error="the task queue did not confirm in time whether the task was stored; it may be queued",
+            task_uuid=task_uuid,
+        )
+        return JSONResponse(
+            status_code=status.HTTP_504_GATEWAY_TIMEOUT,
+            content=unknown.model_dump(),
+            headers={"Retry-After": str(RETRY_AFTER_UNKNOWN_S)},
+        )
     except BrokerUnavailable as exc:
         logger.error("task %s not queued: %s", task_uuid, exc)
         REQUESTS_REFUSED.labels("503").inc()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indextts_api.config import Settings
+from indextts_api.config import KafkaTuning, Settings
 from indextts_api.infra.process import ChildProcess, child_env, free_port, port_is_free, wait_for_port
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,23 @@ LOOPBACK = "127.0.0.1"
 TANSU_BUCKET = "tansu"
 EMBEDDED_REGION = "us-east-1"
 START_TIMEOUT_S = 60.0
+
+
+# Client tuning for the embedded Tansu broker (KAFKA_PROFILE=embedded), measured on it (DESIGN.md):
+TANSU_TUNING = KafkaTuning(
+    profile="embedded",
+    # With librdkafka's 45 s default the first group join took ~23 s on Tansu; with 6 s, ~3 s.
+    # (On a real cluster this is too short: a coordinator move takes ~10 s, see the kafka profile.)
+    session_timeout_ms=6000,
+    # A third of the session. Tansu stores every heartbeat as an S3 write (4 ms of its CPU and 4 ms
+    # of SeaweedFS's): at 500 ms three idle consumers cost 6 writes/s. Joins and rebalances took as
+    # long at 2000 as at 500 ms.
+    heartbeat_interval_ms=2000,
+    # Tansu answers an empty fetch only after this wait and does not wake it when a message
+    # arrives, so it is also the consumer's pick-up latency (half of it on average).
+    fetch_wait_max_ms=20,
+    delivery_timeout_ms=30_000,
+)
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ class EmbeddedInfra:
         env: dict[str, str] = {}
         if self.kafka_port is not None:
             env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka_bootstrap_servers
+            env["KAFKA_PROFILE"] = "embedded"  # the roles pointed here tune their clients for Tansu
         if self.s3_port is not None and self.bucket:
             env.update(
                 S3_ENDPOINT_URL=self.s3_endpoint_url,
@@ -232,14 +250,22 @@ def _wait_for_buckets(infra: EmbeddedInfra, buckets: list[str], timeout_s: float
     raise TimeoutError(f"embedded S3 buckets {buckets} not ready: {last_error}")
 
 
-def _start_tansu(infra: EmbeddedInfra, port: int) -> ChildProcess:
-    listener = f"tcp://{LOOPBACK}:{port}"
+def start_tansu(
+    infra: EmbeddedInfra,
+    port: int,
+    *,
+    advertised_port: int | None = None,
+    bucket: str = TANSU_BUCKET,
+    log_dir: Path | None = None,
+) -> ChildProcess:
+    """Tansu on ``port``, storing in ``bucket`` of ``infra``'s S3 server. Clients are told to
+    connect to ``advertised_port`` (default: ``port``; the tests put a fault proxy there)."""
     argv = [
         _tansu_executable(),
         "broker",
-        f"--listener-url={listener}",
-        f"--advertised-listener-url={listener}",
-        f"--storage-engine=s3://{TANSU_BUCKET}/",
+        f"--listener-url=tcp://{LOOPBACK}:{port}",
+        f"--advertised-listener-url=tcp://{LOOPBACK}:{advertised_port or port}",
+        f"--storage-engine=s3://{bucket}/",
     ]
     env = child_env(
         {
@@ -250,7 +276,8 @@ def _start_tansu(infra: EmbeddedInfra, port: int) -> ChildProcess:
             "AWS_DEFAULT_REGION": EMBEDDED_REGION,
         }
     )
-    return ChildProcess("tansu", argv, infra.data_dir / "logs" / "tansu.log", env=env, cwd=infra.data_dir)
+    logs = log_dir or infra.data_dir / "logs"
+    return ChildProcess("tansu", argv, logs / "tansu.log", env=env, cwd=infra.data_dir)
 
 
 def _launch_s3(infra: EmbeddedInfra) -> None:
@@ -266,7 +293,7 @@ def _launch_s3(infra: EmbeddedInfra) -> None:
 
 def _launch_kafka(infra: EmbeddedInfra) -> None:
     assert infra.kafka_port is not None
-    tansu = _start_tansu(infra, infra.kafka_port)
+    tansu = start_tansu(infra, infra.kafka_port)
     infra.children.append(tansu)
     try:
         wait_for_port(LOOPBACK, infra.kafka_port, START_TIMEOUT_S, tansu.proc)

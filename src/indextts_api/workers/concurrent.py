@@ -2,8 +2,9 @@
 
 Used where the work is I/O (uploads, webhooks): a slow S3 request or a slow webhook receiver
 occupies one slot, not the worker. Offsets are committed per partition up to the first message
-that is not finished, so a crash never skips an unfinished message (at-least-once). A handler
-retries its own transient failures with backoff until it succeeds or the worker stops.
+that is not finished, so a crash never skips an unfinished message (at-least-once). A failed
+message is retried with backoff, or given up, as failures.py decides: no message holds a slot
+longer than its bounded retries (transient outages excepted: they hold every slot alike).
 
 A ``due_at`` function makes it a scheduler: a message that is not due yet is held and its
 partition paused until it is (the webhook retry topics hold messages in due order).
@@ -22,19 +23,19 @@ from confluent_kafka import Message, TopicPartition
 from indextts_api.kafka import Consumer
 from indextts_api.workers.consumer import (
     POLL_INTERVAL_S,
-    RETRY_BACKOFF_S,
     OffsetCommitter,
     PartitionKey,
-    TransientError,
     is_real_message,
     partition_of,
     position_of,
     restart_fetching,
 )
+from indextts_api.workers.failures import FailurePolicy, Retrying, TransientError, describe
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message], None]
+GiveUp = Callable[[Message, BaseException], None]  # fail the task for good, dead-letter it
 
 
 class _PartitionProgress:
@@ -62,11 +63,16 @@ class ConcurrentConsumerLoop:
         stop: threading.Event,
         role: str,
         concurrency: int,
+        *,
+        give_up: GiveUp,
+        policy: FailurePolicy | None = None,
         due_at: Callable[[Message], float | None] | None = None,
     ) -> None:
         self._consumer = consumer
         self._topics = topics
         self._handler = handler
+        self._give_up = give_up
+        self._policy = policy or FailurePolicy()
         self._stop = stop
         self._role = role
         self._concurrency = max(1, concurrency)
@@ -136,27 +142,42 @@ class ConcurrentConsumerLoop:
 
     def _handle_until_done(self, message: Message) -> None:
         failures = 0
-        while True:
-            try:
-                self._handler(message)
-                return
-            except Exception as exc:  # any failure: retry this message later
-                if self._stop.is_set():
-                    raise
-                delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-                failures += 1
-                logger.warning(
-                    "%s will retry %s[%s]@%s in %.0f s: %s",
-                    self._role,
-                    message.topic(),
-                    message.partition(),
-                    message.offset(),
-                    delay,
-                    exc,
-                    exc_info=not isinstance(exc, TransientError),
-                )
-                if self._stop.wait(delay):
-                    raise
+        failure: BaseException | None = None  # set once the message is given up
+        retrying = Retrying(self._role)
+        try:
+            while True:
+                try:
+                    if failure is None:
+                        self._handler(message)
+                    else:
+                        self._give_up(message, failure)
+                    return
+                except Exception as exc:  # failures.py decides what each kind means
+                    if self._stop.is_set():
+                        raise  # not finished, so not committed: redelivered after the restart
+                    retrying.failed(exc)
+                    where = f"{message.topic()}[{message.partition()}]@{message.offset()}"
+                    decision = self._policy.decide(exc, failures, giving_up=failure is not None)
+                    if decision.action == "give_up":
+                        logger.error("%s gives up %s: %s", self._role, where, describe(exc))
+                        failure, failures = exc, 0
+                        continue
+                    if decision.action == "skip":
+                        logger.error("%s skips %s, which it could not fail: %s", self._role, where, describe(exc))
+                        return
+                    failures += 1
+                    logger.warning(
+                        "%s will retry %s in %.0f s: %s",
+                        self._role,
+                        where,
+                        decision.delay_s,
+                        describe(exc),
+                        exc_info=not isinstance(exc, TransientError),
+                    )
+                    if self._stop.wait(decision.delay_s):
+                        raise
+        finally:
+            retrying.done()
 
     def _finished(self, message: Message, future: Future[None]) -> None:
         key = partition_of(message)

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 
 from indextts_api.kafka import Consumer
+from indextts_api.workers.failures import FailurePolicy, Retrying, TransientError, describe
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +37,19 @@ MAX_HELD = 64
 # On stop, how long to wait for the broker to acknowledge what was handled before committing.
 STOP_ACK_WAIT_S = 20.0
 COMMIT_INTERVAL_S = 1.0
-RETRY_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 # A message counts as produced while this worker held its partition only if its timestamp is this
 # much later than the assignment: more than the clock difference between NTP-synchronized hosts,
 # and than the time a replaced owner may go on fetching before it notices (a session, 6 s).
 TENURE_MARGIN_S = 30.0
 
 
-class TransientError(Exception):
-    """The step could not complete now (broker or storage down): retry the same message later."""
-
-
 # A handler returns None when its effect is durable on return, or a future that completes when
 # it is (the TTS worker's result, once the broker acknowledged it): the loop goes on to the next
 # message meanwhile and commits in order, each offset only after its acknowledgement.
 Handler = Callable[[Message], Future[None] | None]
+# What to do with a message whose handling failed for good (failures.py decides when): fail the
+# task (a failure webhook), dead-letter it. Same return contract as a Handler.
+GiveUp = Callable[[Message, BaseException], Future[None] | None]
 Prefetch = Callable[[Message], None]
 _DURABLE: Future[None] = Future()
 _DURABLE.set_result(None)
@@ -183,7 +182,7 @@ class PausingConsumerLoop:
 
     Messages are never handed back with a seek (a seek can fail during a rebalance, and a
     skipped message would be committed over): the ones received while busy are held here, in
-    order; a failed message is retried here with backoff.
+    order; a failed message is retried here, or given up, as failures.py decides.
     """
 
     def __init__(
@@ -193,12 +192,18 @@ class PausingConsumerLoop:
         handler: Handler,
         stop: threading.Event,
         role: str,
+        *,
+        give_up: GiveUp,
+        policy: FailurePolicy | None = None,
         prefetch: Prefetch | None = None,
         tenure: PartitionTenure | None = None,
     ) -> None:
         self._consumer = consumer
         self._topic = topic
         self._handler = handler
+        self._give_up = give_up
+        self._policy = policy or FailurePolicy()
+        self.retrying = Retrying(role)  # the current message, while it is being retried
         self._prefetch = prefetch
         self._tenure = tenure or PartitionTenure()  # kept up to date for the handler
         self._stop = stop
@@ -309,20 +314,38 @@ class PausingConsumerLoop:
 
     def _handle_until_done(self, message: Message) -> Future[None] | None:
         failures = 0
-        while True:
-            future: Future[Future[None] | None] = self._executor.submit(self._handler, message)
-            while not future.done():
-                # Take what the broker has sent at once (the next task's prefetch then overlaps
-                # this one), then wake up the moment the handler is done (a blocking poll would
-                # sleep out its timeout: up to 100 ms of idle engine per task).
-                self._poll_while_busy(timeout_s=0)
-                wait([future], timeout=POLL_INTERVAL_S)
-            try:
-                return future.result() or _DURABLE
-            except Exception as exc:  # noqa: BLE001 - any failure here means: retry this message
-                if not self._wait_before_retry(message, exc, failures):
-                    return None
-                failures += 1
+        failure: BaseException | None = None  # set once the message is given up
+        try:
+            while True:
+                if failure is None:
+                    future = self._executor.submit(self._handler, message)
+                else:
+                    future = self._executor.submit(self._give_up, message, failure)
+                while not future.done():
+                    # Take what the broker has sent at once (the next task's prefetch then overlaps
+                    # this one), then wake up the moment the handler is done (a blocking poll would
+                    # sleep out its timeout: up to 100 ms of idle engine per task).
+                    self._poll_while_busy(timeout_s=0)
+                    wait([future], timeout=POLL_INTERVAL_S)
+                try:
+                    return future.result() or _DURABLE
+                except Exception as exc:  # noqa: BLE001 - failures.py decides what each kind means
+                    self.retrying.failed(exc)
+                    decision = self._policy.decide(exc, failures, giving_up=failure is not None)
+                    if decision.action == "give_up":
+                        logger.error("%s gives up %s: %s", self._role, _where(message), describe(exc))
+                        failure, failures = exc, 0
+                        continue
+                    if decision.action == "skip":
+                        logger.error(
+                            "%s skips %s, which it could not fail: %s", self._role, _where(message), describe(exc)
+                        )
+                        return _DURABLE
+                    if not self._wait_before_retry(message, exc, decision.delay_s):
+                        return None
+                    failures += 1
+        finally:
+            self.retrying.done()
 
     def _settle(self, wait_s: float = 0.0) -> None:
         """Commit handled messages whose effect the broker acknowledged, oldest first; one whose
@@ -355,16 +378,13 @@ class PausingConsumerLoop:
             self._unacked.popleft()
             self._commit(message)
 
-    def _wait_before_retry(self, message: Message, exc: Exception, failures: int) -> bool:
-        delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
+    def _wait_before_retry(self, message: Message, exc: Exception, delay: float) -> bool:
         logger.warning(
-            "%s will retry %s[%s]@%s in %.0f s: %s",
+            "%s will retry %s in %.0f s: %s",
             self._role,
-            message.topic(),
-            message.partition(),
-            message.offset(),
+            _where(message),
             delay,
-            exc,
+            describe(exc),
             exc_info=not isinstance(exc, TransientError),
         )
         deadline = time.monotonic() + delay
@@ -385,3 +405,8 @@ class PausingConsumerLoop:
         position = position_of(message, next_one=True)
         self._committer.mark(position.topic, position.partition, position.offset)
         self._committer.flush(now=not self._held)  # idle after this one: send it now
+
+
+def _where(message: Message) -> str:
+    """``topic[partition]@offset`` of a consumed message, for the logs."""
+    return f"{message.topic()}[{message.partition()}]@{message.offset()}"

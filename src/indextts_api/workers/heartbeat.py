@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from indextts_api.config import Settings
@@ -22,12 +23,20 @@ def heartbeat_prefix(settings: Settings) -> str:
 
 
 class Heartbeat:
-    def __init__(self, settings: Settings, s3_client: Any, bucket: str, details: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        s3_client: Any,
+        bucket: str,
+        details: dict[str, Any],
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._settings = settings
         self._client = s3_client
         self._bucket = bucket
         self._key = f"{heartbeat_prefix(settings)}{socket.gethostname()}-{os.getpid()}.json"
         self._details = {**details, "host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()}
+        self._status = status  # what changes while the worker runs, read at each beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -38,7 +47,8 @@ class Heartbeat:
     def _run(self) -> None:
         while True:
             try:
-                body = json.dumps({**self._details, "seen_at": time.time()}).encode()
+                current = self._status() if self._status else {}
+                body = json.dumps({**self._details, **current, "seen_at": time.time()}).encode()
                 self._client.put_object(Bucket=self._bucket, Key=self._key, Body=body, ContentType="application/json")
             except Exception as exc:  # noqa: BLE001 - S3 down: the health check will say so
                 logger.debug("heartbeat not written: %s", exc)

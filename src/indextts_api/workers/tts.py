@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -21,11 +22,19 @@ from indextts_api.httpclient import make_http_client
 from indextts_api.logs import bind_task
 from indextts_api.metrics import AUDIO_SECONDS, PROMPT_FETCH_SECONDS, SYNTHESIS_SECONDS, TASKS_IN_FLIGHT
 from indextts_api.prompts import PromptError, PromptFetcher
-from indextts_api.schemas import ResultMessage, TaskMessage, now
+from indextts_api.schemas import ResultMessage, TaskMessage, describe_validation_error, now
 from indextts_api.spool import Spool, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
-from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop, TransientError
+from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop
+from indextts_api.workers.failures import (
+    FailurePolicy,
+    PermanentError,
+    TransientError,
+    client_message,
+    describe,
+    redact_paths,
+)
 from indextts_api.workers.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,8 @@ class TaskProcessor:
         self._prefetched_checks: dict[str, tuple[bool, float]] = {}
         self._checks_lock = threading.Lock()
         self._started: dict[str, None] = {}  # task ids handled here, oldest first
+        # Directories of this host that an exception's text may name: never shown to a client.
+        self._private_paths = [settings.data_dir, settings.prompt_dir, settings.model_dir, spool.work_dir]
 
     def handle(self, message: Message) -> Future[None] | None:
         """Synthesize one task and produce its result; returns the broker's acknowledgement to come
@@ -75,8 +86,7 @@ class TaskProcessor:
         try:
             task = TaskMessage.model_validate_json(message.value() or b"")
         except ValidationError as exc:
-            kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {exc}")
-            return None
+            return self._refuse_invalid(message, exc)
         may_be_stored = self._may_be_stored(message, task.task_uuid)
         self._remember(task.task_uuid)
         with bind_task(task.task_uuid), TASKS_IN_FLIGHT.labels("synthesis").track_inprogress():
@@ -86,10 +96,57 @@ class TaskProcessor:
             ):
                 result = self._run(task, may_be_stored)
             result.started_at = started_at
+        return self._send_result(result)
+
+    def _refuse_invalid(self, message: Message, error: ValidationError) -> Future[None] | None:
+        """A task message that does not validate (another producer, an older version): dead letters,
+        and, when it names its task and webhook, a failure webhook saying what was wrong."""
+        try:
+            kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {error}")
+        except kafka.BrokerUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+        try:
+            fields = json.loads(message.value() or b"")
+            task_uuid, hook_url = fields["task_uuid"], fields["hook_url"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not (isinstance(task_uuid, str) and isinstance(hook_url, str)):
+            return None
+        problems = "; ".join(describe_validation_error(dict(item)) for item in error.errors()[:3])
+        return self._send_result(
+            ResultMessage(
+                task_uuid=task_uuid,
+                hook_url=hook_url,
+                status="failed",
+                error_message=f"invalid task: {problems}",
+                engine=self._engine.name,
+                timestamp=now(),
+            )
+        )
+
+    def give_up(self, message: Message, failure: BaseException) -> Future[None] | None:
+        """Fail the task for good (failures.py decided): a failed result, hence its failure webhook;
+        after an unexpected exception the message goes to the dead-letter topic too, with the reason."""
+        try:
+            task = TaskMessage.model_validate_json(message.value() or b"")
+        except ValidationError:
+            task = None
+        try:
+            if task is None or not isinstance(failure, PermanentError):
+                kafka.dead_letter(self._producer, self._settings, message, f"task failed for good: {describe(failure)}")
+        except kafka.BrokerUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+        if task is None:
+            return None
+        error = redact_paths(client_message(failure), self._private_paths)
+        logger.error("task %s failed for good: %s", task.task_uuid, describe(failure))
+        return self._send_result(self._result(task, status="failed", error_message=error))
+
+    def _send_result(self, result: ResultMessage) -> Future[None]:
         try:
             return self._producer.submit(
                 self._settings.kafka_result_topic,
-                task.task_uuid,
+                result.task_uuid,
                 result.model_dump_json(exclude_none=True).encode(),
             )
         except kafka.BrokerUnavailable as exc:
@@ -154,8 +211,9 @@ class TaskProcessor:
             try:
                 outcome = self._engine.synthesize(job, scratch)
             except Exception as exc:
+                # An engine exception fails the task at once: a retry would fail the same way.
                 logger.exception("task %s synthesis failed", uuid)
-                message = f"synthesis failed: {type(exc).__name__}: {exc}"
+                message = redact_paths(f"synthesis failed: {type(exc).__name__}: {exc}", self._private_paths)
                 return self._result(task, status="failed", error_message=message)
             synthesized = time.monotonic()
             try:
@@ -244,7 +302,6 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
     producer = kafka.SyncProducer(settings, idempotent=False)
     store = AudioStore(settings, s3)
     states = TaskStateStore(settings, store)
-    heartbeat = Heartbeat(settings, s3, store.bucket, {"role": "tts-worker", **loaded.details}).start()
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
     tenure = PartitionTenure()
     processor = TaskProcessor(
@@ -258,17 +315,25 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
         tenure,
     )
     budget = TaskBudget(settings.tts_worker_max_tasks, stop)
-    consumer = kafka.make_consumer(settings, settings.kafka_tts_consumer_group)
+    loop = PausingConsumerLoop(
+        kafka.make_consumer(settings, settings.kafka_tts_consumer_group),
+        settings.kafka_task_topic,
+        budget.counted(processor.handle),
+        stop,
+        "tts-worker",
+        give_up=processor.give_up,
+        policy=FailurePolicy(settings.unexpected_error_retries),
+        prefetch=processor.prefetch,
+        tenure=tenure,
+    )
+
+    def status() -> dict[str, Any]:
+        # A worker stuck on one message says so in /health (the engine check's detail).
+        return {"retrying_since": loop.retrying.since, "retrying_reason": loop.retrying.reason}
+
+    heartbeat = Heartbeat(settings, s3, store.bucket, {"role": "tts-worker", **loaded.details}, status).start()
     try:
-        PausingConsumerLoop(
-            consumer,
-            settings.kafka_task_topic,
-            budget.counted(processor.handle),
-            stop,
-            "tts-worker",
-            prefetch=processor.prefetch,
-            tenure=tenure,
-        ).run()
+        loop.run()
     finally:
         heartbeat.stop()
         states.close()

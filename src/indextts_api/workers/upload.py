@@ -27,7 +27,7 @@ from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore, outcome_metadata
 from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry, webhook_document
 from indextts_api.workers.concurrent import ConcurrentConsumerLoop
-from indextts_api.workers.consumer import TransientError
+from indextts_api.workers.failures import FailurePolicy, TransientError, client_message, describe, redact_paths
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +82,37 @@ class ResultProcessor:
             return
         # The offset is committed only once the retry is stored: a restart forgets nothing.
         try:
-            scheduled = schedule_retry(
+            scheduled = not delivery.permanent and schedule_retry(
                 self._producer, self._settings, result.hook_url, payload, 1, delivery.error, upload_s
             )
         except kafka.BrokerUnavailable as exc:
             raise TransientError(f"could not schedule the webhook retry: {exc}") from exc
         if not scheduled:
             kafka.dead_letter(self._producer, self._settings, message, f"webhook not delivered: {delivery.error}")
+
+    def give_up(self, message: Message, failure: BaseException) -> None:
+        """A result whose handling failed for good (failures.py decided): the client is told the task
+        failed (one attempt: what broke may be the delivery itself), GET /tasks shows it, and the
+        message goes to the dead-letter topic with the reason."""
+        try:
+            kafka.dead_letter(self._producer, self._settings, message, f"result failed for good: {describe(failure)}")
+        except kafka.BrokerUnavailable as exc:
+            raise TransientError(str(exc)) from exc
+        try:
+            result = ResultMessage.model_validate_json(message.value() or b"")
+        except ValidationError:
+            return
+        error = redact_paths(client_message(failure), [self._settings.data_dir])
+        payload = WebhookPayload(
+            task_uuid=result.task_uuid, status="failed", timestamp=int(time.time()), error_message=error
+        )
+        try:
+            self._states.write(result.task_uuid, "result", _outcome_document(result, payload, self._store))
+        except Exception as exc:  # noqa: BLE001 - the client's webhook matters more than the status record
+            logger.warning("task %s: could not record its failure: %s", result.task_uuid, exc)
+        delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
+        self._states.write_async(result.task_uuid, "webhook", webhook_document(1, delivery))
+        TASKS_FINISHED.labels("failed").inc()
 
     def _payload(self, result: ResultMessage) -> WebhookPayload:
         stamp = int(time.time())
@@ -168,16 +192,19 @@ def run_upload_worker(settings: Settings, stop: threading.Event) -> None:
         stop,
         "upload-worker",
         settings.upload_concurrency,
+        give_up=processor.give_up,
+        policy=FailurePolicy(settings.unexpected_error_retries),
     )
+    retrier = WebhookRetrier(settings, http, producer, states)
     retries = ConcurrentConsumerLoop(
-        kafka.make_consumer(
-            settings, f"{settings.kafka_upload_consumer_group}_webhook_retries", kafka.RELAXED_FETCH_WAIT_MS
-        ),
+        kafka.make_consumer(settings, f"{settings.kafka_upload_consumer_group}_webhook_retries", relaxed=True),
         settings.webhook_retry_topics,
-        WebhookRetrier(settings, http, producer, states).handle,
+        retrier.handle,
         stop,
         "webhook-retries",
         settings.webhook_retry_concurrency,
+        give_up=retrier.give_up,
+        policy=FailurePolicy(settings.unexpected_error_retries),
         due_at=due_at,
     )
     retry_thread = threading.Thread(target=retries.run, name="webhook-retries")
