@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -84,8 +85,11 @@ def measure_engine(engine: BareEngine, texts: list[str], repeats: int) -> Engine
     return EngineBaseline({text: statistics.median(values) for text, values in timings.items()})
 
 
-def submit(client: httpx.Client, text: str, hook_url: str) -> str:
-    answer = client.post("/generate", json={"spk_audio_prompt": "example.wav", "text": text, "hook_url": hook_url})
+def submit(client: httpx.Client, text: str, hook_url: str, params: dict[str, Any] | None = None) -> str:
+    body: dict[str, Any] = {"spk_audio_prompt": "example.wav", "text": text, "hook_url": hook_url}
+    if params:
+        body["params"] = params
+    answer = client.post("/generate", json=body)
     answer.raise_for_status()
     task_uuid: str = answer.json()["task_uuid"]
     return task_uuid
@@ -149,13 +153,15 @@ class DrainFigures:
         return self.tasks_per_s / engine.rate(texts)
 
 
-def measure_drain(role: Role, receiver: WebhookReceiver, texts: list[str]) -> DrainFigures:
-    """Submit ``texts`` as fast as the API takes them, then wait for every webhook."""
+def measure_drain(
+    role: Role, receiver: WebhookReceiver, texts: list[str], params: dict[str, Any] | None = None
+) -> DrainFigures:
+    """Submit ``texts`` (with ``params``) as fast as the API takes them, then wait for every webhook."""
     path = f"/drain-{time.time_ns()}"
     with httpx.Client(base_url=role.base_url, auth=role.auth, timeout=30) as client:
         started = time.time()
         with ThreadPoolExecutor(max_workers=8) as pool:
-            task_uuids = list(pool.map(lambda text: submit(client, text, receiver.url(path)), texts))
+            task_uuids = list(pool.map(lambda text: submit(client, text, receiver.url(path), params), texts))
         arrivals = []
         for task_uuid in task_uuids:
             hook = receiver.wait_for(task_uuid, timeout_s=300)[0]
