@@ -30,7 +30,7 @@ from indextts_api.workers.consumer import (
     position_of,
     restart_fetching,
 )
-from indextts_api.workers.failures import FailurePolicy, Retrying, TransientError, describe
+from indextts_api.workers.failures import TRANSIENT, FailurePolicy, Retrying, describe
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class ConcurrentConsumerLoop:
                         where,
                         decision.delay_s,
                         describe(exc),
-                        exc_info=not isinstance(exc, TransientError),
+                        exc_info=not isinstance(exc, TRANSIENT),
                     )
                     if self._stop.wait(decision.delay_s):
                         raise

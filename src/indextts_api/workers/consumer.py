@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, KafkaException, Message, TopicPartition
 
 from indextts_api.kafka import Consumer
-from indextts_api.workers.failures import FailurePolicy, Retrying, TransientError, describe
+from indextts_api.workers.failures import TRANSIENT, FailurePolicy, Retrying, describe
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +385,7 @@ class PausingConsumerLoop:
             _where(message),
             delay,
             describe(exc),
-            exc_info=not isinstance(exc, TransientError),
+            exc_info=not isinstance(exc, TRANSIENT),
         )
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:

@@ -2,8 +2,9 @@
 
 Three kinds of failure (the dramatiq habit: one retry policy, not one per step):
 
-- ``TransientError``: the step could not complete now (the broker or S3 down). Nothing is wrong
-  with the message: it is retried with capped backoff for as long as the outage lasts.
+- ``TransientError`` (or the broker's ``BrokerUnavailable``): the step could not complete now (the
+  broker or S3 down). Nothing is wrong with the message: it is retried with capped backoff for as
+  long as the outage lasts.
 - ``PermanentError``: the message can never succeed (input that slipped past validation, a URL
   that cannot be built). Not retried: the worker fails the task at once (its ``give_up`` step:
   a failure webhook whose message says what was wrong).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from indextts_api.kafka import BrokerUnavailable
 from indextts_api.metrics import MESSAGE_FAILURES, MESSAGES_RETRYING
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ REASON_MAX_CHARS = 500
 
 class TransientError(Exception):
     """The step could not complete now (broker or storage down): retry the same message later."""
+
+
+# Transient wherever it is raised: a broker that did not store a message is an outage, so a step
+# (dead-lettering, producing a result) need not translate it.
+TRANSIENT = (TransientError, BrokerUnavailable)
 
 
 class PermanentError(Exception):
@@ -62,7 +69,7 @@ def describe(exc: BaseException) -> str:
 
 
 def kind_of(exc: BaseException) -> str:
-    if isinstance(exc, TransientError):
+    if isinstance(exc, TRANSIENT):
         return "transient"
     if isinstance(exc, PermanentError):
         return "permanent"
@@ -79,7 +86,7 @@ class FailurePolicy:
         """The next step after the ``failures``-th failure (0-based) of a message's handling, or
         of its ``give_up`` step when ``giving_up``."""
         delay = RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S) - 1)]
-        if isinstance(exc, TransientError):
+        if isinstance(exc, TRANSIENT):
             return Decision("retry", delay)
         if failures < self.unexpected_retries and not isinstance(exc, PermanentError):
             return Decision("retry", delay)

@@ -101,10 +101,7 @@ class TaskProcessor:
     def _refuse_invalid(self, message: Message, error: ValidationError) -> Future[None] | None:
         """A task message that does not validate (another producer, an older version): dead letters,
         and, when it names its task and webhook, a failure webhook saying what was wrong."""
-        try:
-            kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {error}")
-        except kafka.BrokerUnavailable as exc:
-            raise TransientError(str(exc)) from exc
+        kafka.dead_letter(self._producer, self._settings, message, f"invalid task message: {error}")
         try:
             fields = json.loads(message.value() or b"")
             task_uuid, hook_url = fields["task_uuid"], fields["hook_url"]
@@ -131,11 +128,8 @@ class TaskProcessor:
             task = TaskMessage.model_validate_json(message.value() or b"")
         except ValidationError:
             task = None
-        try:
-            if task is None or not isinstance(failure, PermanentError):
-                kafka.dead_letter(self._producer, self._settings, message, f"task failed for good: {describe(failure)}")
-        except kafka.BrokerUnavailable as exc:
-            raise TransientError(str(exc)) from exc
+        if task is None or not isinstance(failure, PermanentError):
+            kafka.dead_letter(self._producer, self._settings, message, f"task failed for good: {describe(failure)}")
         if task is None:
             return None
         error = redact_paths(client_message(failure), self._private_paths)

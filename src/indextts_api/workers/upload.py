@@ -94,10 +94,7 @@ class ResultProcessor:
         """A result whose handling failed for good (failures.py decided): the client is told the task
         failed (one attempt: what broke may be the delivery itself), GET /tasks shows it, and the
         message goes to the dead-letter topic with the reason."""
-        try:
-            kafka.dead_letter(self._producer, self._settings, message, f"result failed for good: {describe(failure)}")
-        except kafka.BrokerUnavailable as exc:
-            raise TransientError(str(exc)) from exc
+        kafka.dead_letter(self._producer, self._settings, message, f"result failed for good: {describe(failure)}")
         try:
             result = ResultMessage.model_validate_json(message.value() or b"")
         except ValidationError:
