@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     # A prompt URL fetched this recently is reused without asking again; later, a conditional
     # request (ETag / Last-Modified) avoids downloading it when it did not change.
     prompt_url_cache_s: float = Field(default=60.0, ge=0)
+    # Registered voices (POST /voices): the recording's length bounds; uploads are bounded by
+    # PROMPT_MAX_BYTES, URL downloads as prompts are.
+    voice_min_seconds: float = Field(default=1.0, gt=0)
+    voice_max_seconds: float = Field(default=30.0, gt=0)
+    # How long an API host trusts that a voice exists before asking S3 again (a delete through
+    # another API host is refused at submission after at most this long).
+    voice_check_s: float = Field(default=5.0, ge=0)
 
     # --- Webhooks ---------------------------------------------------------------------------
     webhook_secret: SecretStr | None = None

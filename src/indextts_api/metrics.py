@@ -37,6 +37,18 @@ AUDIO_SECONDS = Histogram("indextts_audio_seconds", "Audio produced per task", [
 PROMPT_FETCH_SECONDS = Histogram(
     "indextts_prompt_fetch_seconds", "Prompt download and check per task", buckets=_SECONDS
 )
+ENCODE_SECONDS = Histogram(
+    "indextts_encode_seconds",
+    "Upload worker's encoding time per task, by response format",
+    ["format"],
+    buckets=_SECONDS,
+)
+PROMPT_CACHE = Counter(
+    "indextts_prompt_cache_total",
+    "TTS workers' prompt lookups, by source (voice, url, path) and outcome (hit: no download, no decoding)",
+    ["source", "outcome"],
+)
+VOICES_REGISTERED = Counter("indextts_voices_registered_total", "POST /voices, by outcome", ["outcome"])
 UPLOADS = Counter("indextts_uploads_total", "Audio uploads to S3, by result", ["result"])
 UPLOAD_SECONDS = Histogram("indextts_upload_seconds", "Upload time per task", buckets=_SECONDS)
 WEBHOOK_DELIVERIES = Counter(

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpx
 import numpy as np
@@ -30,7 +30,11 @@ import numpy.typing as npt
 import soundfile
 
 from indextts_api.config import Settings
-from indextts_api.schemas import is_url
+from indextts_api.metrics import PROMPT_CACHE
+from indextts_api.schemas import is_url, voice_id_of
+
+if TYPE_CHECKING:
+    from indextts_api.voices import VoiceStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,10 @@ _DOWNLOAD_HEADERS = {
     # A connection of its own for every download, so that the watchdog sees it (see _Watchdog).
     "Connection": "close",
 }
+
+
+class VoiceStoreUnavailable(RuntimeError):
+    """The voice storage (S3) could not answer: the task is retried, not failed."""
 
 
 class PromptError(Exception):
@@ -148,18 +156,57 @@ class PromptFetcher:
     Thread-safe: the TTS worker prefetches the next task's prompt while the engine works.
     """
 
-    def __init__(self, settings: Settings, http_client: httpx.Client) -> None:
+    def __init__(self, settings: Settings, http_client: httpx.Client, voices: VoiceStore | None = None) -> None:
         self._settings = settings
         self._http = http_client
+        self._voices = voices
         self.cache_dir = (settings.data_dir / "prompt-cache").resolve()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._by_url: OrderedDict[str, _Fetched] = OrderedDict()
         self._lock = threading.Lock()
 
     def fetch(self, reference: str, what: str = "spk_audio_prompt") -> Path:
+        voice_id = voice_id_of(reference)
+        if voice_id is not None:
+            return self._fetch_voice(voice_id, what)
         if is_url(reference):
             return self._fetch_url(reference, what)
-        return self._normalize(resolve_local_prompt(self._settings.prompt_dir, reference), what)
+        return self._normalize(resolve_local_prompt(self._settings.prompt_dir, reference), what, "path")
+
+    def _fetch_voice(self, voice_id: str, what: str) -> Path:
+        """A registered voice, from S3 the first time, then from this host's cache. Whether it still
+        exists is asked every time (one HEAD, during the previous task's synthesis): a task waiting
+        for a voice deleted meanwhile fails instead of using a cached copy."""
+        if self._voices is None:
+            raise PromptError(f"{what}: this worker cannot read registered voices")
+        try:
+            registered = self._voices.exists(voice_id)
+        except Exception as exc:
+            raise VoiceStoreUnavailable(f"voice storage unavailable: {exc}") from exc
+        target = self.cache_dir / f"voice-{voice_id}.wav"  # the id is the audio's hash: never stale
+        if not registered:
+            target.unlink(missing_ok=True)
+            raise PromptError(f"{what}: voice {voice_id} does not exist (it was deleted, or never registered)")
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(target)
+            PROMPT_CACHE.labels("voice", "hit").inc()
+            return target
+        fd, name = tempfile.mkstemp(prefix="voice-", suffix=".wav.part", dir=self.cache_dir)
+        scratch = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                try:
+                    found = self._voices.download_audio(voice_id, sink)
+                except Exception as exc:
+                    raise VoiceStoreUnavailable(f"voice storage unavailable: {exc}") from exc
+            if not found:
+                raise PromptError(f"{what}: voice {voice_id} does not exist (it was deleted, or never registered)")
+            os.replace(scratch, target)
+        finally:
+            scratch.unlink(missing_ok=True)
+        PROMPT_CACHE.labels("voice", "miss").inc()
+        self._prune()
+        return target
 
     def _fetch_url(self, url: str, what: str) -> Path:
         with self._lock:
@@ -167,6 +214,7 @@ class PromptFetcher:
         validators: dict[str, str] = {}
         if known is not None and known.path.exists():
             if time.monotonic() - known.fetched_at < self._settings.prompt_url_cache_s:
+                PROMPT_CACHE.labels("url", "hit").inc()
                 return known.path  # a popular voice is not downloaded for every task
             if known.etag:
                 validators["If-None-Match"] = known.etag
@@ -176,12 +224,13 @@ class PromptFetcher:
         body = Path(name)
         try:
             with os.fdopen(fd, "wb") as sink:
-                answer = self._download(url, what, validators, sink)
+                answer = download(self._http, self._settings, url, what, sink, validators)
             if answer is None:  # 304 Not Modified, asked only with the validators of a known entry
                 assert known is not None
                 known.fetched_at = time.monotonic()
+                PROMPT_CACHE.labels("url", "hit").inc()
                 return known.path
-            path = self._normalize(body, what)
+            path = self._normalize(body, what, "url")
         finally:
             body.unlink(missing_ok=True)
         entry = _Fetched(
@@ -194,35 +243,7 @@ class PromptFetcher:
                 self._by_url.popitem(last=False)
         return path
 
-    def _download(self, url: str, what: str, validators: dict[str, str], sink: BinaryIO) -> httpx.Headers | None:
-        """Writes the body of ``url`` to ``sink`` within the size and time bounds; returns the
-        response's headers, or None for 304 Not Modified."""
-        limit = self._settings.prompt_max_bytes
-        with _Watchdog(self._settings.prompt_download_timeout_s) as watchdog:
-            try:
-                with self._http.stream(
-                    "GET", url, headers={**_DOWNLOAD_HEADERS, **validators}, extensions={"trace": watchdog.trace}
-                ) as response:
-                    if response.status_code == 304 and validators:
-                        return None
-                    _check_answer(response, what, url, limit)
-                    received = 0
-                    for chunk in response.iter_raw():  # each chunk as it arrives: the clock is checked often
-                        received += len(chunk)
-                        if received > limit:
-                            raise PromptError(f"{what} is larger than {limit} bytes")
-                        if watchdog.expired:
-                            break
-                        sink.write(chunk)
-            except httpx.HTTPError as exc:
-                raise _download_failure(what, url, exc, watchdog.expired) from None
-            except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (an IDNA host name) is a ValueError
-                raise PromptError(f"{what} is not a URL that can be requested ({exc}): {url}") from None
-            if watchdog.expired:  # the socket was shut down: what came before the cut is not the file
-                raise PromptError(f"{what} download timed out: {url}")
-            return response.headers
-
-    def _normalize(self, source: Path, what: str) -> Path:
+    def _normalize(self, source: Path, what: str, kind: str) -> Path:
         try:
             digest = _sha256(source)
         except OSError as exc:
@@ -230,7 +251,9 @@ class PromptFetcher:
         target = self.cache_dir / f"{digest}.wav"
         with contextlib.suppress(FileNotFoundError):  # missing (or just pruned by another worker): make it
             os.utime(target)  # keep popular voices in the bounded cache
+            PROMPT_CACHE.labels(kind, "hit").inc()
             return target
+        PROMPT_CACHE.labels(kind, "miss").inc()
         # Not named *.wav until complete: _prune (of any worker sharing the directory) skips it.
         fd, name = tempfile.mkstemp(prefix="prompt-", suffix=".wav.part", dir=self.cache_dir)
         os.close(fd)
@@ -247,12 +270,12 @@ class PromptFetcher:
         """``source`` as a mono 16-bit WAV at ``scratch``, decoded block by block within the
         duration bounds: memory stays at one block whatever the file holds or its header claims."""
         max_seconds = self._settings.prompt_max_seconds
-        with _open_audio(source, what, max_seconds) as audio:
+        with open_audio(source, what, max_seconds) as audio:
             rate = audio.samplerate
             limit = int(max_seconds * rate)
             frames = 0
             with soundfile.SoundFile(scratch, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV") as out:
-                for block in _mono_blocks(audio, what):
+                for block in mono_blocks(audio, what):
                     frames += len(block)
                     if frames > limit:
                         raise _too_long(what, max_seconds)
@@ -269,6 +292,42 @@ class PromptFetcher:
                 dated.append((path.stat().st_mtime, path))
         for _, stale in sorted(dated)[:-CACHE_MAX_FILES]:
             stale.unlink(missing_ok=True)
+
+
+def download(
+    http: httpx.Client,
+    settings: Settings,
+    url: str,
+    what: str,
+    sink: BinaryIO,
+    validators: dict[str, str] | None = None,
+) -> httpx.Headers | None:
+    """Writes the body of ``url`` to ``sink`` within PROMPT_MAX_BYTES and PROMPT_DOWNLOAD_TIMEOUT_S;
+    returns the response's headers, or None for 304 Not Modified (asked with ``validators`` only)."""
+    limit = settings.prompt_max_bytes
+    with _Watchdog(settings.prompt_download_timeout_s) as watchdog:
+        try:
+            with http.stream(
+                "GET", url, headers={**_DOWNLOAD_HEADERS, **(validators or {})}, extensions={"trace": watchdog.trace}
+            ) as response:
+                if response.status_code == 304 and validators:
+                    return None
+                _check_answer(response, what, url, limit)
+                received = 0
+                for chunk in response.iter_raw():  # each chunk as it arrives: the clock is checked often
+                    received += len(chunk)
+                    if received > limit:
+                        raise PromptError(f"{what} is larger than {limit} bytes")
+                    if watchdog.expired:
+                        break
+                    sink.write(chunk)
+        except httpx.HTTPError as exc:
+            raise _download_failure(what, url, exc, watchdog.expired) from None
+        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (an IDNA host name) is a ValueError
+            raise PromptError(f"{what} is not a URL that can be requested ({exc}): {url}") from None
+        if watchdog.expired:  # the socket was shut down: what came before the cut is not the file
+            raise PromptError(f"{what} download timed out: {url}")
+        return response.headers
 
 
 class _Watchdog:
@@ -357,7 +416,7 @@ def _validator(value: str | None) -> str | None:
     return value if value is not None and value.isascii() and value.isprintable() else None
 
 
-def _open_audio(source: Path, what: str, max_seconds: float) -> soundfile.SoundFile:
+def open_audio(source: Path, what: str, max_seconds: float) -> soundfile.SoundFile:
     """``source`` opened for decoding, after what its header says was checked."""
     try:
         audio = soundfile.SoundFile(str(source))
@@ -387,7 +446,7 @@ def _check_header(audio: soundfile.SoundFile, what: str, max_seconds: float) -> 
         raise _too_long(what, max_seconds, stated / audio.samplerate)
 
 
-def _mono_blocks(audio: soundfile.SoundFile, what: str) -> Iterator[npt.NDArray[np.float32]]:
+def mono_blocks(audio: soundfile.SoundFile, what: str) -> Iterator[npt.NDArray[np.float32]]:
     """The decoded audio, mixed down to mono, ``_BLOCK_FRAMES`` at a time, until the decoder stops
     (which is where the data ends, whatever the header said)."""
     while True:

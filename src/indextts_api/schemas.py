@@ -18,6 +18,7 @@ import httpx
 import idna
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from indextts_api.audio_formats import AudioOutput, EncodedAudio
 from indextts_api.config import get_settings
 
 MESSAGE_VERSION: Literal[1] = 1
@@ -133,8 +134,25 @@ def is_url(value: str) -> bool:
     return "://" in value
 
 
+# A registered voice: ``voice:`` and its id (see voices.py), 32 lowercase hex digits.
+VOICE_PREFIX = "voice:"
+_VOICE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def voice_id_of(reference: str) -> str | None:
+    """The voice id of a ``voice:<id>`` reference, or None for a URL or a path."""
+    return reference[len(VOICE_PREFIX) :] if reference.startswith(VOICE_PREFIX) else None
+
+
+def check_voice_id(value: str, what: str) -> str:
+    if not _VOICE_ID.fullmatch(value):
+        raise ValueError(f"{what} is not a voice id (32 lowercase hexadecimal digits, as POST /voices answers)")
+    return value
+
+
 def check_audio_reference(value: str, what: str) -> str:
-    """An http(s) URL, or a relative path that stays inside the prompt directory (checked syntactically).
+    """An http(s) URL, ``voice:<voice_id>`` (a registered voice), or a relative path that stays
+    inside the prompt directory (checked syntactically).
 
     A path is also held to what every file system accepts, so that looking it up can only find the
     file or not: a component over NAME_MAX or a path near PATH_MAX would make the lookup raise.
@@ -143,6 +161,10 @@ def check_audio_reference(value: str, what: str) -> str:
     if not value:
         raise ValueError(f"{what} must not be empty")
     check_unicode(value, what)
+    voice_id = voice_id_of(value)
+    if voice_id is not None:
+        check_voice_id(voice_id, what)
+        return value
     if is_url(value) or value.lower().startswith(("file:", "data:")):
         return check_http_url(value, what)
     if "\x00" in value or "\\" in value:
@@ -174,7 +196,8 @@ class TaskParams(BaseModel):
         default=1, ge=0, le=3, description="0 same as speaker, 1 emotion audio, 2 emotion vectors, 3 emotion text"
     )
     emo_audio_prompt: str | None = Field(
-        default=None, description="URL or prompt-directory path of the emotion reference audio (method 1)"
+        default=None,
+        description="URL, voice:<voice_id> or prompt-directory path of the emotion reference audio (method 1)",
     )
     emo_weight: float = Field(default=0.65, ge=0.0, le=1.0)
     emo_text: str | None = Field(default=None, max_length=1000, description="Emotion description (method 3)")
@@ -213,8 +236,8 @@ class TaskParams(BaseModel):
         return [self.vec1, self.vec2, self.vec3, self.vec4, self.vec5, self.vec6, self.vec7, self.vec8]
 
 
-class TaskCreate(BaseModel):
-    """Body of POST /generate."""
+class TaskCreate(AudioOutput):
+    """Body of POST /generate: the spec's fields, and the output format (AudioOutput's fields)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -226,12 +249,22 @@ class TaskCreate(BaseModel):
                     "text": "Hello, this is a test of text-to-speech generation.",
                     "hook_url": "https://your-app.com/webhook/tts-complete",
                     "params": {"emo_control_method": 0, "temperature": 0.8},
-                }
+                },
+                {
+                    "spk_audio_prompt": "voice:3f2a9c0e4b7d4e1a8c6b5d2f0e9a7c41",
+                    "text": "A registered voice, delivered as MP3 at 24 kHz.",
+                    "hook_url": "https://your-app.com/webhook/tts-complete",
+                    "response_format": "mp3",
+                    "sample_rate": 24000,
+                    "bitrate": 64,
+                },
             ]
         },
     )
 
-    spk_audio_prompt: str = Field(description="http(s) URL or path inside the prompt directory")
+    spk_audio_prompt: str = Field(
+        description="http(s) URL, voice:<voice_id> of a registered voice, or path inside the prompt directory"
+    )
     text: str = Field(description="Text to synthesize")
     hook_url: str = Field(description="Webhook URL for the completion notification")
     params: TaskParams = Field(default_factory=TaskParams)
@@ -256,6 +289,12 @@ class TaskCreate(BaseModel):
     @classmethod
     def _hook_is_http(cls, value: str) -> str:
         return check_http_url(value, "hook_url")
+
+    @property
+    def output(self) -> AudioOutput:
+        return AudioOutput.model_construct(
+            response_format=self.response_format, sample_rate=self.sample_rate, bitrate=self.bitrate
+        )
 
 
 class TaskQueued(BaseModel):
@@ -313,6 +352,7 @@ class TaskMessage(BaseModel):
     hook_url: str
     params: TaskParams
     timestamp: float
+    output: AudioOutput = Field(default_factory=AudioOutput)  # absent in older messages: the engine's WAV
 
 
 class ResultMessage(BaseModel):
@@ -327,6 +367,7 @@ class ResultMessage(BaseModel):
     audio: str | None = None
     error_message: str | None = None
     timestamp: float
+    output: AudioOutput = Field(default_factory=AudioOutput)  # the task's, for the upload worker to encode
     queued_at: float | None = None
     started_at: float | None = None  # when the TTS worker took the task
     engine: str | None = None
@@ -343,6 +384,8 @@ class WebhookPayload(BaseModel):
     s3_url: str | None = None
     error_message: str | None = None
     timestamp: int
+    # Additive, only for a task that asked for an output format: what was delivered.
+    audio: EncodedAudio | None = None
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

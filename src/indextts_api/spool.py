@@ -10,9 +10,12 @@ import contextlib
 import logging
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from botocore.exceptions import ClientError
 
 from indextts_api.storage import AudioStore
 
@@ -87,6 +90,33 @@ class Spool:
             store.copy_from(bucket, staging_key, key, metadata)
         else:
             raise SpoolError(f"unknown spool URI {uri!r}")
+
+    @contextlib.contextmanager
+    def local_copy(self, uri: str) -> Iterator[Path]:
+        """The spooled audio as a local file, for the encoder: the spool file itself, or a
+        download of the staging object (removed afterwards)."""
+        if uri.startswith("file:"):
+            path = self._local_path(uri)
+            if not path.is_file():
+                raise SpoolError(f"spool file {path} is missing (another host's spool, or already removed)")
+            yield path
+            return
+        if not uri.startswith("s3:"):
+            raise SpoolError(f"unknown spool URI {uri!r}")
+        bucket, staging_key = self._staging_key(uri)
+        fd, name = tempfile.mkstemp(prefix="staged-", suffix=".wav", dir=self.work_dir)
+        copy = Path(name)
+        try:
+            with open(fd, "wb") as sink:
+                try:
+                    self._s3.download_fileobj(bucket, staging_key, sink)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                        raise SpoolError(f"spool object {uri} is missing (already removed)") from None
+                    raise
+            yield copy
+        finally:
+            copy.unlink(missing_ok=True)
 
     def discard(self, uri: str) -> None:
         """Remove spooled audio after upload (missing is fine: a redelivery may find it gone)."""

@@ -43,9 +43,10 @@ def make_s3_client(
     )
 
 
-def audio_key(settings: Settings, task_uuid: str) -> str:
+def audio_key(settings: Settings, task_uuid: str, extension: str = "wav") -> str:
+    """``<task_uuid>.<extension>``, under S3_KEY_PREFIX if set."""
     prefix = settings.s3_key_prefix.strip("/")
-    return f"{prefix}/{task_uuid}.wav" if prefix else f"{task_uuid}.wav"
+    return f"{prefix}/{task_uuid}.{extension}" if prefix else f"{task_uuid}.{extension}"
 
 
 def public_url(settings: Settings, key: str) -> str:
@@ -68,8 +69,15 @@ class AudioStore:
         self.client = client
         self.bucket = settings.bucket
 
-    def key_for(self, task_uuid: str) -> str:
-        return audio_key(self._settings, task_uuid)
+    def key_for(self, task_uuid: str, extension: str = "wav") -> str:
+        return audio_key(self._settings, task_uuid, extension)
+
+    def find_audio(self, task_uuid: str) -> str | None:
+        """The key of the task's audio in whichever format it was delivered, or None."""
+        prefix = audio_key(self._settings, task_uuid, "")
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=4)
+        keys = [item["Key"] for item in listing.get("Contents", []) if "/" not in item["Key"][len(prefix) :]]
+        return keys[0] if keys else None
 
     def ensure_bucket(self) -> None:
         try:
@@ -80,9 +88,15 @@ class AudioStore:
             logger.info("creating bucket %s", self.bucket)
             self.client.create_bucket(Bucket=self.bucket)
 
-    def upload_file(self, path: Path, key: str, metadata: dict[str, str] | None = None) -> None:
+    def upload_file(
+        self,
+        path: Path,
+        key: str,
+        metadata: dict[str, str] | None = None,
+        content_type: str = AUDIO_CONTENT_TYPE,
+    ) -> None:
         """Store the audio at ``key``, with user ``metadata`` (x-amz-meta-*) if given."""
-        extra = {"ContentType": AUDIO_CONTENT_TYPE, "Metadata": metadata or {}}
+        extra = {"ContentType": content_type, "Metadata": metadata or {}}
         if path.stat().st_size <= SINGLE_PUT_MAX_BYTES:
             # One PUT: boto3's upload_file starts a transfer manager and its threads for every
             # file, which cost more than the upload itself for a few seconds of speech.

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
+from indextts_api.audio_formats import EncodedAudio
 from indextts_api.config import Settings
 from indextts_api.ids import issued_at
 from indextts_api.storage import AudioStore
@@ -69,6 +70,9 @@ class TaskPublic(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     s3_url: str | None = None
+    audio: EncodedAudio | None = Field(
+        default=None, description="what was delivered: format, content type, sample rate, duration, size"
+    )
     error_message: str | None = None
     engine: str | None = None
     timings: TaskTimings = Field(default_factory=TaskTimings)
@@ -157,6 +161,7 @@ class TaskStateStore:
             task.timings = TaskTimings.model_validate(result.get("timings") or {})
             if result.get("s3_key") and result["status"] == "success":
                 task.s3_url = self._store.url_for(result["s3_key"])
+                task.audio = _audio_record(result)
         if webhook := documents.get("webhook"):
             task.webhook = WebhookRecord.model_validate(webhook)
             # The upload's duration is known only after the PUT that recorded the outcome: the
@@ -167,8 +172,8 @@ class TaskStateStore:
 
     def _stored_outcome(self, task_uuid: str) -> dict[str, Any] | None:
         """The outcome recorded on the task's audio object, if it is stored."""
-        key = self._store.key_for(task_uuid)
-        metadata = self._store.metadata(key)
+        key = self._store.find_audio(task_uuid)  # its extension is the format the task asked for
+        metadata = None if key is None else self._store.metadata(key)
         if metadata is None:
             return None
         try:
@@ -183,6 +188,13 @@ class TaskStateStore:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+
+
+def _audio_record(result: dict[str, Any]) -> EncodedAudio | None:
+    """The delivered audio's description; a WAV stored as the engine wrote it (or by an older
+    version) is described by what its key says."""
+    audio = result.get("audio")
+    return EncodedAudio.model_validate(audio) if audio else None
 
 
 def _log_failure(future: Future[None], task_uuid: str, stage: str) -> None:

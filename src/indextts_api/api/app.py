@@ -18,13 +18,16 @@ from indextts_api import __version__
 from indextts_api.api.deps import make_services
 from indextts_api.api.health import HealthChecker
 from indextts_api.api.routes import add_routes
+from indextts_api.api.voices import VOICE_FORM_OVERHEAD_BYTES, add_voice_routes
 from indextts_api.config import Settings
+from indextts_api.httpclient import make_http_client
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
 from indextts_api.schemas import describe_validation_error
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
+from indextts_api.voices import VoiceCheck, VoiceStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,18 +75,19 @@ class BodySizeLimit:
     re-raises those, while it turns any other exception into 400 "There was an error parsing the body".
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self._too_large = f"request body larger than {max_bytes} bytes"
+        self._per_path = dict(per_path or {})  # paths that take larger bodies (an audio upload)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._per_path.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await self._refuse(scope, receive, send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await error_response(413, _too_large(limit))(scope, receive, send)
                 return
         received = 0
 
@@ -91,14 +95,15 @@ class BodySizeLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise StarletteHTTPException(413, self._too_large)
+            if received > limit:
+                raise StarletteHTTPException(413, _too_large(limit))
             return message
 
         await self.app(scope, counting_receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(413, self._too_large)(scope, receive, send)
+
+def _too_large(limit: int) -> str:
+    return f"request body larger than {limit} bytes"
 
 
 def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
@@ -117,13 +122,25 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        s3 = make_s3_client(settings)
+        voices = VoiceStore(settings, s3)
+        # Downloads a voice registered by URL, with the prompts' bounds and SSRF rules.
+        prompt_http = make_http_client(
+            connect_timeout_s=settings.prompt_connect_timeout_s,
+            read_timeout_s=settings.prompt_read_timeout_s,
+            max_redirects=settings.prompt_max_redirects,
+            allow_private=settings.private_urls_allowed,
+        )
         services = make_services(
             settings,
             producer=AsyncProducer(settings),
             prompt_check=LocalPromptCheck(settings.prompt_dir),
             health=HealthChecker(settings),
-            task_states=TaskStateStore(settings, AudioStore(settings, make_s3_client(settings))),
+            task_states=TaskStateStore(settings, AudioStore(settings, s3)),
             lag=LagMonitor(settings).start(),
+            voices=voices,
+            voice_check=VoiceCheck(voices, settings.voice_check_s),
+            prompt_http=prompt_http,
         )
         app.state.services = services
         try:
@@ -132,6 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
             services.lag.stop()
             services.task_states.close()
             services.producer.close()
+            prompt_http.close()
 
     app = FastAPI(
         title="IndexTTS API",
@@ -143,10 +161,15 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     add_routes(app)
+    add_voice_routes(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
 
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        per_path={"/voices": settings.prompt_max_bytes + VOICE_FORM_OVERHEAD_BYTES},
+    )
     return app

@@ -14,6 +14,7 @@ from base64 import b64decode
 from dataclasses import dataclass
 from typing import Annotated
 
+import httpx
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.security.utils import get_authorization_scheme_param
@@ -25,6 +26,7 @@ from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
 from indextts_api.tasks import TaskStateStore
+from indextts_api.voices import VoiceCheck, VoiceStore
 
 
 class _UnicodeBasic(HTTPBasic):
@@ -66,6 +68,9 @@ class ApiServices:
     health: HealthChecker
     task_states: TaskStateStore
     lag: LagMonitor
+    voices: VoiceStore
+    voice_check: VoiceCheck
+    prompt_http: httpx.Client  # downloads of voices registered by URL
     # Basic auth credentials as bytes, compared in constant time (empty: nobody is let in).
     username: bytes
     password: bytes
@@ -78,6 +83,9 @@ def make_services(
     health: HealthChecker,
     task_states: TaskStateStore,
     lag: LagMonitor,
+    voices: VoiceStore,
+    voice_check: VoiceCheck,
+    prompt_http: httpx.Client,
 ) -> ApiServices:
     return ApiServices(
         settings=settings,
@@ -86,6 +94,9 @@ def make_services(
         health=health,
         task_states=task_states,
         lag=lag,
+        voices=voices,
+        voice_check=voice_check,
+        prompt_http=prompt_http,
         username=(settings.api_username or "").encode(),
         password=settings.api_password.get_secret_value().encode() if settings.api_password else b"",
     )

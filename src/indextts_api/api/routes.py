@@ -12,9 +12,10 @@ import time
 import uuid
 
 from fastapi import FastAPI, HTTPException, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from indextts_api.api.deps import AuthorizedDep, ServicesDep
+from indextts_api.api.deps import ApiServices, AuthorizedDep, ServicesDep
 from indextts_api.config import Settings
 from indextts_api.engines import describe_engine
 from indextts_api.ids import new_task_uuid
@@ -31,6 +32,7 @@ from indextts_api.schemas import (
     TaskMessage,
     TaskQueued,
     is_url,
+    voice_id_of,
 )
 from indextts_api.tasks import TaskPublic
 
@@ -111,10 +113,30 @@ def _check_local_prompts(prompts: LocalPromptCheck, task: TaskCreate) -> None:
         ("spk_audio_prompt", task.spk_audio_prompt),
         ("params.emo_audio_prompt", task.params.emo_audio_prompt),
     ):
-        if reference and not is_url(reference):
+        if reference and not is_url(reference) and voice_id_of(reference) is None:
             error = prompts.error_for(reference)
             if error is not None:
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: {error}")
+
+
+async def _check_voices(services: ApiServices, task: TaskCreate) -> None:
+    """Refuse a ``voice:<id>`` that is not registered (S3 is asked in the thread pool, and only when
+    a task names a voice: a yes is remembered for a few seconds)."""
+    for field, reference in (
+        ("spk_audio_prompt", task.spk_audio_prompt),
+        ("params.emo_audio_prompt", task.params.emo_audio_prompt),
+    ):
+        voice_id = voice_id_of(reference) if reference else None
+        if voice_id is None:
+            continue
+        try:
+            registered = await run_in_threadpool(services.voice_check.exists, voice_id)
+        except Exception as exc:  # noqa: BLE001 - whatever S3 raised: nothing was queued
+            logger.error("voice storage unavailable: %s", exc)
+            REQUESTS_REFUSED.labels("503").inc()
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "voice storage unavailable; retry later") from None
+        if not registered:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{field}: voice {voice_id} is not registered")
 
 
 async def generate(task: TaskCreate, services: AuthorizedDep) -> Response:
@@ -122,6 +144,7 @@ async def generate(task: TaskCreate, services: AuthorizedDep) -> Response:
     settings, producer, prompts = services.settings, services.producer, services.prompt_check
     _check_urls_are_public(settings, task)
     _check_local_prompts(prompts, task)
+    await _check_voices(services, task)
     task_uuid = new_task_uuid(settings.task_id_key)
     message = TaskMessage(
         task_uuid=task_uuid,
@@ -130,6 +153,7 @@ async def generate(task: TaskCreate, services: AuthorizedDep) -> Response:
         hook_url=task.hook_url,
         params=task.params,
         timestamp=time.time(),
+        output=task.output,
     )
     try:
         await producer.send(settings.kafka_task_topic, task_uuid, message.model_dump_json().encode())

@@ -21,11 +21,12 @@ from indextts_api.engines import Engine, LoadedEngine, SynthesisJob
 from indextts_api.httpclient import make_http_client
 from indextts_api.logs import bind_task
 from indextts_api.metrics import AUDIO_SECONDS, PROMPT_FETCH_SECONDS, SYNTHESIS_SECONDS, TASKS_IN_FLIGHT
-from indextts_api.prompts import PromptError, PromptFetcher
+from indextts_api.prompts import PromptError, PromptFetcher, VoiceStoreUnavailable
 from indextts_api.schemas import ResultMessage, TaskMessage, describe_validation_error, now
 from indextts_api.spool import Spool, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
+from indextts_api.voices import VoiceStore
 from indextts_api.workers.consumer import PartitionTenure, PausingConsumerLoop
 from indextts_api.workers.failures import (
     FailurePolicy,
@@ -151,7 +152,7 @@ class TaskProcessor:
         on this one, so neither S3 round trip waits in front of the engine."""
         task = TaskMessage.model_validate_json(message.value() or b"")
         if self._may_be_stored(message, task.task_uuid):
-            stored = self._already_uploaded(task.task_uuid)
+            stored = self._already_uploaded(task)
             checked_at = time.monotonic()
             with self._checks_lock:
                 self._prefetched_checks = {
@@ -175,17 +176,17 @@ class TaskProcessor:
         if len(self._started) > REMEMBERED_TASKS:
             del self._started[next(iter(self._started))]
 
-    def _audio_stored(self, uuid: str) -> bool:
+    def _audio_stored(self, task: TaskMessage) -> bool:
         """Whether the task's audio is in S3: the prefetch's answer if it has a recent one, else a HEAD."""
         with self._checks_lock:
-            check = self._prefetched_checks.pop(uuid, None)
+            check = self._prefetched_checks.pop(task.task_uuid, None)
         if check is not None and time.monotonic() - check[1] < PREFETCHED_CHECK_VALID_S:
             return check[0]
-        return self._already_uploaded(uuid)
+        return self._already_uploaded(task)
 
     def _run(self, task: TaskMessage, may_be_stored: bool) -> ResultMessage:
         uuid = task.task_uuid
-        if may_be_stored and self._audio_stored(uuid):
+        if may_be_stored and self._audio_stored(task):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
@@ -198,6 +199,8 @@ class TaskProcessor:
         except PromptError as exc:
             logger.info("task %s failed: %s", uuid, exc)
             return self._result(task, status="failed", error_message=str(exc))
+        except VoiceStoreUnavailable as exc:
+            raise TransientError(str(exc)) from exc
         fetched = time.monotonic()
         scratch = self._spool.scratch_path(uuid)
         try:
@@ -242,13 +245,14 @@ class TaskProcessor:
             hook_url=task.hook_url,
             queued_at=task.timestamp,
             engine=self._engine.name,
+            output=task.output,
             timestamp=now(),
             **outcome,
         )
 
-    def _already_uploaded(self, uuid: str) -> bool:
+    def _already_uploaded(self, task: TaskMessage) -> bool:
         try:
-            return self._store.exists(self._store.key_for(uuid))
+            return self._store.exists(self._store.key_for(task.task_uuid, task.output.spec.extension))
         except Exception as exc:
             raise TransientError(f"S3 unavailable: {exc}") from exc
 
@@ -301,7 +305,7 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
     processor = TaskProcessor(
         settings,
         engine,
-        PromptFetcher(settings, http),
+        PromptFetcher(settings, http, VoiceStore(settings, s3)),
         Spool(settings.spool_location, s3, work_dir),
         store,
         producer,

@@ -13,21 +13,37 @@ import time
 from pathlib import Path
 
 import httpx
+import soundfile
 from confluent_kafka import Message
 from pydantic import ValidationError
 
 from indextts_api import kafka
+from indextts_api.audio_formats import AudioOutput, EncodedAudio, describe_wav, encode
 from indextts_api.config import Settings
 from indextts_api.httpclient import make_http_client
 from indextts_api.logs import bind_task
-from indextts_api.metrics import TASKS_FINISHED, TASKS_IN_FLIGHT, UPLOAD_SECONDS, UPLOADS, WEBHOOK_DELIVERIES
+from indextts_api.metrics import (
+    ENCODE_SECONDS,
+    TASKS_FINISHED,
+    TASKS_IN_FLIGHT,
+    UPLOAD_SECONDS,
+    UPLOADS,
+    WEBHOOK_DELIVERIES,
+)
 from indextts_api.schemas import ResultMessage, WebhookPayload
 from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore, outcome_metadata
 from indextts_api.webhooks import WebhookRetrier, attempt_delivery, due_at, schedule_retry, webhook_document
 from indextts_api.workers.concurrent import ConcurrentConsumerLoop
-from indextts_api.workers.failures import FailurePolicy, TransientError, client_message, describe, redact_paths
+from indextts_api.workers.failures import (
+    FailurePolicy,
+    PermanentError,
+    TransientError,
+    client_message,
+    describe,
+    redact_paths,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +136,14 @@ class ResultProcessor:
                 timestamp=stamp,
                 error_message=result.error_message or "synthesis failed",
             )
-        key = self._store.key_for(result.task_uuid)
+        key = self._store.key_for(result.task_uuid, result.output.spec.extension)
         success = WebhookPayload(
             task_uuid=result.task_uuid, status="success", timestamp=stamp, s3_url=self._store.url_for(key)
         )
         started = time.monotonic()
         try:
             if result.audio:
-                outcome = outcome_metadata(_outcome_document(result, success, self._store))
-                self._spool.transfer(result.audio, self._store, key, outcome)
+                success.audio = self._store_audio(result, success, key)
             elif not self._store.exists(key):
                 raise SpoolError("result carries no audio and none is stored")
         except SpoolError as exc:
@@ -141,6 +156,9 @@ class ResultProcessor:
                     timestamp=stamp,
                     error_message="the synthesized audio was lost before upload; please resubmit",
                 )
+        except PermanentError:
+            UPLOADS.labels("error").inc()
+            raise
         except Exception as exc:
             UPLOADS.labels("error").inc()
             raise TransientError(f"S3 upload failed: {exc}") from exc
@@ -149,7 +167,42 @@ class ResultProcessor:
         if result.audio:
             self._spool.discard(result.audio)  # S3 has it now; a redelivery finds it there
         logger.info("task %s uploaded %s in %.3f s", result.task_uuid, key, time.monotonic() - started)
+        if result.output.is_default:
+            success.audio = None  # the spec's payload, exactly, for a task that asked for nothing else
         return success
+
+    def _store_audio(self, result: ResultMessage, success: WebhookPayload, key: str) -> EncodedAudio | None:
+        """The spooled audio into S3 at ``key``, encoded first if the task asked for a format other
+        than the engine's WAV; returns what was delivered (None: the WAV as it came, not read)."""
+        assert result.audio is not None
+        output = result.output
+        if output.is_default:
+            document = _outcome_document(result, success, self._store, key, None)
+            self._spool.transfer(result.audio, self._store, key, outcome_metadata(document))
+            return None
+        with self._spool.local_copy(result.audio) as source:
+            scratch = self._spool.work_dir / f".{result.task_uuid}.{time.monotonic_ns()}.{output.spec.extension}"
+            try:
+                encoded = self._encode(source, scratch, output)
+                document = _outcome_document(result, success, self._store, key, encoded)
+                self._store.upload_file(scratch, key, outcome_metadata(document), encoded.content_type)
+            finally:
+                scratch.unlink(missing_ok=True)
+        return encoded
+
+    def _encode(self, source: Path, target: Path, output: AudioOutput) -> EncodedAudio:
+        started = time.monotonic()
+        try:
+            if not output.needs_encoding(soundfile.info(str(source)).samplerate):
+                shutil.copyfile(source, target)  # a WAV at the engine's own rate: nothing to convert
+                return describe_wav(target)
+            encoded = encode(source, target, output)
+        except (RuntimeError, ValueError, TypeError, OSError, MemoryError) as exc:
+            # soundfile's LibsndfileError is a RuntimeError; the same audio would fail the same way.
+            detail = exc.error_string if isinstance(exc, soundfile.LibsndfileError) else type(exc).__name__
+            raise PermanentError(f"the audio could not be encoded as {output.response_format}: {detail}") from exc
+        ENCODE_SECONDS.labels(output.response_format).observe(time.monotonic() - started)
+        return encoded
 
     def _exists(self, key: str) -> bool:
         try:
@@ -158,14 +211,25 @@ class ResultProcessor:
             raise TransientError(f"S3 unavailable: {exc}") from exc
 
 
-def _outcome_document(result: ResultMessage, payload: WebhookPayload, store: AudioStore) -> dict[str, object]:
+def _outcome_document(
+    result: ResultMessage,
+    payload: WebhookPayload,
+    store: AudioStore,
+    key: str | None = None,
+    encoded: EncodedAudio | None = None,
+) -> dict[str, object]:
     """What GET /tasks shows of the outcome (the upload's duration comes with the delivery record)."""
+    output = result.output
+    audio = encoded or EncodedAudio(response_format=output.response_format, content_type=output.spec.content_type)
     return {
         "status": payload.status,
         "started_at": result.started_at,
         "finished_at": time.time(),
         "error_message": payload.error_message,
-        "s3_key": store.key_for(result.task_uuid) if payload.status == "success" else None,
+        "s3_key": (key or store.key_for(result.task_uuid, output.spec.extension))
+        if payload.status == "success"
+        else None,
+        "audio": audio.model_dump(exclude_none=True) if payload.status == "success" else None,
         "engine": result.engine,
         "timings": {"fetch_s": result.fetch_s, "synthesis_s": result.synthesis_s, "audio_s": result.audio_s},
     }
