@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-for-webhook-signing!").decode()
 API_USER = "tester"
 API_PASSWORD = "correct-horse-battery-staple"
+API_KEY = "sk-test-0123456789abcdef"  # a bearer key of the service (API_KEYS)
 SERVICE_START_TIMEOUT_S = 90
 PROMPT_MAX_BYTES = 4 * 1024 * 1024
 
@@ -148,6 +149,8 @@ def own_topics(prefix: str) -> dict[str, str]:
     bucket: it never takes another stack's tasks, and its /health counts only its own workers."""
     return {
         "KAFKA_TASK_TOPIC": f"{prefix}_tasks",
+        "KAFKA_INTERACTIVE_TOPIC": f"{prefix}_interactive",
+        "KAFKA_REPLY_TOPIC": f"{prefix}_replies",
         "KAFKA_RESULT_TOPIC": f"{prefix}_results",
         "KAFKA_DEAD_LETTER_TOPIC": f"{prefix}_dead",
         "KAFKA_WEBHOOK_RETRY_TOPIC": f"{prefix}_webhook_retries",
@@ -173,6 +176,7 @@ def launch_service(
             **infra.settings_env(),
             "API_USERNAME": API_USER,
             "API_PASSWORD": API_PASSWORD,
+            "API_KEYS": f"{API_KEY},second-key-for-rotation",
             "DATA_DIR": str(data_dir),
             "PROMPT_DIR": str(prompt_dir),
             "ALLOW_PRIVATE_URLS": "true",

@@ -501,6 +501,22 @@ def test_speaker_prompts_are_content_addressed(
 # --- failures ----------------------------------------------------------------------------------------
 
 
+def test_interactive_request_streams_with_stream_return(indextts_stack: IndexStack) -> None:
+    """POST /v1/audio/speech calls infer with stream_return=True and streams what it yields (the
+    stand-in's 1.5 s, as OpenAI's 24 kHz pcm), with the same arguments as a batch task otherwise."""
+    text = unique_text("interactive")
+    body = {"model": "tts-1", "voice": "alloy", "input": text, "response_format": "pcm"}
+    with indextts_stack.client() as client:
+        response = client.post("/v1/audio/speech", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/pcm"
+    assert len(response.content) / 2 / 24000 == pytest.approx(1.5, abs=0.01)
+    call = indextts_stack.infer_call(text)
+    assert call["stream_return"] is True
+    assert call["output_path"] is None
+    assert call["spk_audio_prompt"].endswith(".wav")
+
+
 def test_engine_exception_fails_only_that_task(
     indextts_stack: IndexStack, index_api: httpx.Client, receiver: WebhookReceiver
 ) -> None:

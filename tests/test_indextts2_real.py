@@ -33,7 +33,7 @@ from indextts_api.devtools import WebhookReceiver
 from indextts_api.engines.indextts2 import REQUIRED_DIRS, REQUIRED_FILES
 from indextts_api.infra.embedded import EmbeddedInfra
 from indextts_api.infra.process import ChildProcess
-from tests.conftest import ROOT, Service, launch_service, own_topics, stop_service, wait_for_worker
+from tests.conftest import API_KEY, ROOT, Service, launch_service, own_topics, stop_service, wait_for_worker
 from tests.test_indextts2_engine import submit
 
 GENERATE_TIMEOUT_S = 240
@@ -174,6 +174,39 @@ def test_emotion_methods_deliver_22050_hz_wav(
     with real_service.client() as client:
         status = client.get(f"/tasks/{task_uuid}").json()
     assert status["engine"] == "indextts2", status
+
+
+def test_interactive_speech_streams_the_real_class_segment_by_segment(real_service: Service) -> None:
+    """POST /v1/audio/speech with the real class: infer(stream_return=True) yields each text
+    segment's audio, which reaches the openai SDK's stream before the synthesis ends."""
+    import openai
+
+    text = "Hello world, this is the first part. And here is the second part of it."
+    arrivals: list[tuple[float, int]] = []
+    with openai.OpenAI(base_url=f"{real_service.base_url}/v1", api_key=API_KEY, timeout=300, max_retries=0) as sdk:
+        started = time.monotonic()
+        with sdk.audio.speech.with_streaming_response.create(
+            model="indextts2",
+            voice="alloy",  # OPENAI_DEFAULT_VOICE: the example voice
+            input=text,
+            response_format="pcm",
+            extra_body={"params": {"max_mel_tokens": MAX_MEL_TOKENS, "max_text_tokens_per_segment": 12}},
+        ) as response:
+            task_uuid = response.headers["x-task-id"]
+            for chunk in response.iter_bytes():
+                arrivals.append((time.monotonic() - started, len(chunk)))
+    samples = sum(size for _, size in arrivals) // 2
+    assert samples > 0
+    with real_service.client() as client:
+        deadline = time.monotonic() + WEBHOOK_TIMEOUT_S
+        while (status := client.get(f"/tasks/{task_uuid}").json())["status"] != "success":
+            assert time.monotonic() < deadline and status["status"] not in ("failed", "canceled"), status
+            time.sleep(0.5)
+    assert status["engine"] == "indextts2"
+    # Every segment and the silences between them, resampled to OpenAI's 24 kHz.
+    assert abs(samples / 24000 - status["timings"]["audio_s"]) < 0.05, (samples, status["timings"])
+    # Several segments: the first audio came well before the last.
+    assert arrivals[-1][0] - arrivals[0][0] > 0.2, arrivals
 
 
 def test_health_reports_indextts2(real_service: Service) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import soundfile
 import soxr
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -196,3 +197,90 @@ def encode(source: Path, target: Path, output: AudioOutput) -> EncodedAudio:
         bytes=target.stat().st_size,
         bitrate_kbps=kbps,
     )
+
+
+# --- Streamed output (POST /v1/audio/speech) ----------------------------------------------------
+# OpenAI's audio is 24 kHz mono in every format; clients of its pcm assume that rate.
+STREAM_RATE = 24_000
+STREAM_CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg; codecs=opus",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+# FFmpeg's muxer and encoder per format, and the bitrate of the lossy ones (OpenAI's are close).
+_STREAM_CODECS = {
+    "mp3": ("mp3", "libmp3lame", 64_000),
+    "opus": ("ogg", "libopus", 32_000),
+    "aac": ("adts", "aac", 64_000),
+    "flac": ("flac", "flac", None),
+    "wav": ("wav", "pcm_s16le", None),
+}
+
+
+class _Collect:
+    """A write-only (so unseekable) sink for FFmpeg's muxer: it writes a stream as it goes, with the
+    sizes a stream cannot know yet left open (a WAV's are 0xFFFFFFFF, as for a pipe)."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+
+class StreamEncoder:
+    """Encodes audio that arrives in pieces (16-bit mono PCM at the engine's rate) into a byte
+    stream of ``response_format`` at STREAM_RATE: ``feed`` returns the bytes ready so far,
+    ``finish`` the rest. FFmpeg's encoders through PyAV (libmp3lame, libopus, its AAC and FLAC),
+    soxr for the rate; a format is a stream, so pieces can be sent as they come."""
+
+    def __init__(self, response_format: str, source_rate: int) -> None:
+        self._format = response_format
+        self._resampler = (
+            None if source_rate == STREAM_RATE else soxr.ResampleStream(source_rate, STREAM_RATE, 1, dtype="int16")
+        )
+        self._container: Any = None
+        if response_format != "pcm":
+            import av  # only the API streams; workers need no FFmpeg
+
+            muxer, codec, bit_rate = _STREAM_CODECS[response_format]
+            self._sink = _Collect()
+            # Ogg pages of 20 ms, not FFmpeg's default of one second: audio leaves as it is encoded.
+            options = {"page_duration": "20000"} if muxer == "ogg" else {}
+            self._container = av.open(self._sink, "w", format=muxer, options=options)
+            self._stream = self._container.add_stream(codec, rate=STREAM_RATE, layout="mono")
+            if bit_rate:
+                self._stream.bit_rate = bit_rate
+            self._frame_class = av.AudioFrame
+        self.samples = 0
+
+    def feed(self, samples: npt.NDArray[np.int16], last: bool = False) -> bytes:
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(samples, last=last)
+        samples = np.ascontiguousarray(samples, dtype="<i2")
+        self.samples += len(samples)
+        if self._container is None:
+            return samples.tobytes()
+        if len(samples):
+            frame = self._frame_class.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = STREAM_RATE
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        return self._sink.take()
+
+    def finish(self) -> bytes:
+        tail = self.feed(np.zeros(0, dtype=np.int16), last=True)
+        if self._container is None:
+            return tail
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return tail + self._sink.take()

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     port: int = Field(default=7861, ge=0, le=65535)
     api_username: str | None = None
     api_password: SecretStr | None = None
+    # Bearer keys (Authorization: Bearer <key>), comma-separated, accepted beside Basic auth: what
+    # OpenAI-compatible clients send.
+    api_keys: SecretStr | None = None
+    # OpenAI voice names (alloy, echo, ...) mapped to this service's voices, comma-separated
+    # name=reference pairs (a reference is voice:<voice_id>, a prompt path or a URL); a name not
+    # listed speaks with OPENAI_DEFAULT_VOICE.
+    openai_voices: str = ""
+    openai_default_voice: str = "example.wav"
+    # How long an interactive request waits for its next audio before it fails (a synthesis in
+    # progress ahead of it, plus its own segment).
+    interactive_timeout_s: float = Field(default=120.0, gt=0)
     max_text_chars: int = Field(default=10_000, gt=0)
     max_request_bytes: int = Field(default=256 * 1024, gt=0)
 
@@ -61,6 +72,10 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = None
     kafka_task_topic: str = "tts_tasks"
     kafka_result_topic: str = "tts_results"
+    # Interactive speech (POST /v1/audio/speech): its own task topic, which TTS workers serve
+    # before the batch topic, and the topic the audio comes back on to the API hosts.
+    kafka_interactive_topic: str = "tts_interactive"
+    kafka_reply_topic: str = "tts_replies"
     kafka_dead_letter_topic: str = "tts_dead_letters"
     kafka_tts_consumer_group: str = "tts_workers"
     kafka_upload_consumer_group: str = "upload_workers"
@@ -209,6 +224,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "api_password",
+        "api_keys",
         "s3_secret_key",
         "webhook_secret",
         "kafka_sasl_password",
@@ -266,6 +282,18 @@ class Settings(BaseSettings):
             return self.task_id_secret.get_secret_value().encode()
         password = self.api_password.get_secret_value() if self.api_password else ""
         return hashlib.sha256(f"indextts-api task ids\0{self.api_username}\0{password}".encode()).digest()
+
+    @property
+    def bearer_keys(self) -> list[bytes]:
+        """API_KEYS, each as bytes (compared in constant time)."""
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [key.strip().encode() for key in raw.split(",") if key.strip()]
+
+    @property
+    def openai_voice_map(self) -> dict[str, str]:
+        """OPENAI_VOICES as name -> reference."""
+        pairs = (item.partition("=") for item in self.openai_voices.split(",") if item.strip())
+        return {name.strip().lower(): reference.strip() for name, _, reference in pairs if reference.strip()}
 
     @property
     def piper_threads_per_engine(self) -> int:

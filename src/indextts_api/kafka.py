@@ -187,6 +187,8 @@ def _create_topics(settings: Settings, admin: AdminClient, missing: list[str], t
 def service_topics(settings: Settings) -> list[str]:
     return [
         settings.kafka_task_topic,
+        settings.kafka_interactive_topic,
+        settings.kafka_reply_topic,
         settings.kafka_result_topic,
         settings.kafka_dead_letter_topic,
         *settings.webhook_retry_topics,
@@ -279,6 +281,10 @@ class _ServedProducer:
         self.producer.close()
 
 
+# Kafka message headers, as confluent-kafka takes them.
+Headers = dict[str, str | bytes | None]
+
+
 class SyncProducer:
     """A producer for worker threads (idempotent unless told otherwise): ``submit`` returns a
     future the broker's acknowledgement completes, ``send`` waits for it."""
@@ -288,7 +294,7 @@ class SyncProducer:
         # librdkafka's verdict comes within its delivery timeout; a little more for the report.
         self._verdict_timeout_s = tuning(settings).delivery_timeout_ms / 1000 + 5
 
-    def submit(self, topic: str, key: str, value: bytes) -> Future[None]:
+    def submit(self, topic: str, key: str, value: bytes, headers: Headers | None = None) -> Future[None]:
         """Produce one message; the future completes once it is stored, or fails with BrokerUnavailable
         (within the producer's delivery timeout, KAFKA_DELIVERY_TIMEOUT_MS)."""
         producer = self._served.producer
@@ -303,7 +309,7 @@ class SyncProducer:
             acknowledged.set_exception(BrokerUnavailable(f"broker refused message for {topic}: {error}"))
 
         try:
-            producer.produce(topic, key=key.encode(), value=value, on_delivery=on_delivery)
+            producer.produce(topic, key=key.encode(), value=value, headers=headers, on_delivery=on_delivery)
         except (BufferError, KafkaException) as exc:
             raise BrokerUnavailable(f"cannot produce to {topic}: {exc}") from exc
         return acknowledged

@@ -130,6 +130,17 @@ def _url_error(value: str) -> str | None:
     return None
 
 
+def check_text(value: str, what: str) -> str:
+    """Text to speak: valid Unicode, not blank, at most MAX_TEXT_CHARS; else ValueError naming ``what``."""
+    check_unicode(value, what)
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    limit = get_settings().max_text_chars
+    if len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    return value
+
+
 def is_url(value: str) -> bool:
     return "://" in value
 
@@ -277,13 +288,7 @@ class TaskCreate(AudioOutput):
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, value: str) -> str:
-        check_unicode(value, "text")
-        if not value.strip():
-            raise ValueError("text must not be empty")
-        limit = get_settings().max_text_chars
-        if len(value) > limit:
-            raise ValueError(f"text is longer than {limit} characters")
-        return value
+        return check_text(value, "text")
 
     @field_validator("hook_url")
     @classmethod
@@ -297,6 +302,58 @@ class TaskCreate(AudioOutput):
         )
 
 
+OPENAI_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+
+
+class SpeechRequest(BaseModel):
+    """Body of POST /v1/audio/speech: OpenAI's request, plus this service's ``params``."""
+
+    # Fields OpenAI may add, or a client's own, are accepted and named in X-Ignored-Parameters.
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"model": "indextts2", "input": "Hello! How can I help you today?", "voice": "alloy"},
+                {
+                    "model": "indextts2",
+                    "input": "I can't believe it worked!",
+                    "voice": "voice:a862079bb0e7d2e34a9d662ee71a4ae1",
+                    "response_format": "opus",
+                    "stream_format": "sse",
+                    "params": {"emo_control_method": 2, "vec1": 0.8},
+                },
+            ]
+        },
+    )
+
+    model: str = Field(description="any name (tts-1, gpt-4o-mini-tts, indextts2): this service has one model")
+    input: str = Field(description="the text to speak")
+    voice: str = Field(
+        description="a registered voice (voice:<voice_id> or the bare id), or a name: OpenAI's names map "
+        "to OPENAI_VOICES, else OPENAI_DEFAULT_VOICE"
+    )
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = Field(
+        default="mp3", description="24 kHz mono, as OpenAI's (pcm: raw 16-bit little-endian)"
+    )
+    speed: float = Field(default=1.0, ge=0.25, le=4.0, description="accepted; said in X-Ignored-Parameters")
+    instructions: str | None = Field(default=None, max_length=4096, description="accepted; said ignored")
+    stream_format: Literal["audio", "sse"] = "audio"
+    params: TaskParams = Field(default_factory=TaskParams, description="IndexTTS2's controls (POST /generate's)")
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_blank(cls, value: str) -> str:
+        return check_text(value, "input")
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_not_blank(cls, value: str) -> str:
+        check_unicode(value, "voice")
+        if not value.strip():
+            raise ValueError("voice must not be empty")
+        return value.strip()
+
+
 class TaskQueued(BaseModel):
     """Answer of POST /generate once the task is stored in the broker."""
 
@@ -307,6 +364,19 @@ class TaskQueued(BaseModel):
 
 class ErrorPublic(BaseModel):
     error: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """The error object of OpenAI's API, which the /v1 routes answer (its SDKs raise from it)."""
+
+    error: OpenAIErrorDetail
 
 
 class QueueOutcomeUnknown(BaseModel):
@@ -353,6 +423,11 @@ class TaskMessage(BaseModel):
     params: TaskParams
     timestamp: float
     output: AudioOutput = Field(default_factory=AudioOutput)  # absent in older messages: the engine's WAV
+    # An interactive request (POST /v1/audio/speech): its audio goes to the reply topic segment by
+    # segment as it is synthesized, and it has no webhook (hook_url is empty).
+    interactive: bool = False
+    # The API host waits for the outcome (Prefer: wait): the upload worker announces it on the reply topic.
+    notify: bool = False
 
 
 class ResultMessage(BaseModel):
@@ -363,15 +438,17 @@ class ResultMessage(BaseModel):
     v: Literal[1] = MESSAGE_VERSION
     task_uuid: str
     hook_url: str
-    status: Literal["success", "failed"]
+    status: Literal["success", "failed", "canceled"]
     audio: str | None = None
     error_message: str | None = None
     timestamp: float
     output: AudioOutput = Field(default_factory=AudioOutput)  # the task's, for the upload worker to encode
+    notify: bool = False  # the task's: announce the outcome on the reply topic
     queued_at: float | None = None
     started_at: float | None = None  # when the TTS worker took the task
     engine: str | None = None
     fetch_s: float | None = None
+    engine_wait_s: float | None = None  # waiting for the engine (an interactive task ahead, or a batch one)
     synthesis_s: float | None = None
     audio_s: float | None = None
 

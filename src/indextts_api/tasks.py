@@ -32,11 +32,12 @@ from indextts_api.storage import AudioStore
 
 logger = logging.getLogger(__name__)
 
-Stage = Literal["processing", "uploading", "result", "webhook"]
+# "cancel" is a request (the API writes it; the TTS worker looks for it between segments).
+Stage = Literal["processing", "uploading", "result", "webhook", "cancel"]
 # Steps shorter than this leave no "processing" / "uploading" record (see stage_if_slow).
 STAGE_WRITE_DELAY_S = 0.25
 STAGES: tuple[Stage, ...] = ("processing", "uploading", "result", "webhook")
-TaskStatus = Literal["queued", "processing", "uploading", "success", "failed"]
+TaskStatus = Literal["queued", "processing", "uploading", "success", "failed", "canceled"]
 # The audio object's user metadata (x-amz-meta-indextts-outcome) holding a success's outcome document.
 OUTCOME_METADATA_KEY = "indextts-outcome"
 
@@ -56,6 +57,7 @@ class WebhookRecord(BaseModel):
 
 class TaskTimings(BaseModel):
     fetch_s: float | None = Field(default=None, description="prompt download and check")
+    engine_wait_s: float | None = Field(default=None, description="waiting for the engine (another task's synthesis)")
     synthesis_s: float | None = Field(default=None, description="engine time")
     audio_s: float | None = Field(default=None, description="length of the audio produced")
     upload_s: float | None = None
@@ -118,6 +120,19 @@ class TaskStateStore:
             yield
         finally:
             timer.cancel()
+
+    def request_cancel(self, task_uuid: str, reason: str) -> None:
+        self.write(task_uuid, "cancel", {"reason": reason})
+
+    def cancel_requested(self, task_uuid: str) -> bool:
+        """Whether the task's cancellation was asked for (one HEAD)."""
+        try:
+            self._client.head_object(Bucket=self._store.bucket, Key=self._key(task_uuid, "cancel"))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+        return True
 
     def _read_stage(self, task_uuid: str, stage: Stage) -> dict[str, Any] | None:
         try:

@@ -18,12 +18,14 @@ from indextts_api import __version__
 from indextts_api.api.deps import make_services
 from indextts_api.api.health import HealthChecker
 from indextts_api.api.routes import add_routes
+from indextts_api.api.speech import add_speech_routes
 from indextts_api.api.voices import VOICE_FORM_OVERHEAD_BYTES, add_voice_routes
 from indextts_api.config import Settings
 from indextts_api.httpclient import make_http_client
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
+from indextts_api.replies import ReplyHub
 from indextts_api.schemas import describe_validation_error
 from indextts_api.storage import AudioStore, make_s3_client
 from indextts_api.tasks import TaskStateStore
@@ -45,26 +47,49 @@ def _unknown_field_hint(errors: list[dict[str, Any]]) -> str:
     return ("; " + "; ".join(dict.fromkeys(hints))) if hints else ""
 
 
-def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """``{"error": message}``. A message may quote the client's input, and a lone surrogate in it would
-    make the JSON encoder raise (a 500 instead of the answer): such characters are sent escaped."""
+def error_response(
+    status_code: int, message: str, headers: Mapping[str, str] | None = None, openai: bool = False
+) -> JSONResponse:
+    """``{"error": message}``, or on the OpenAI-compatible routes OpenAI's error object, so that its
+    SDKs raise their usual exceptions. A message may quote the client's input, and a lone surrogate
+    in it would make the JSON encoder raise (a 500 instead of the answer): such characters are sent escaped."""
     safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if openai:
+        body: dict[str, Any] = {"error": {"message": safe, "type": _OPENAI_ERROR_TYPES.get(status_code, "api_error")}}
+        body["error"]["param"], body["error"]["code"] = None, None
+        return JSONResponse(status_code=status_code, content=body, headers=headers)
     return JSONResponse(status_code=status_code, content={"error": safe}, headers=headers)
 
 
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+# OpenAI's error types by status (its SDKs map the status to an exception class).
+_OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+    504: "server_error",
+}
+
+
+def _is_openai_route(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
     text = "; ".join(describe_validation_error(error) for error in errors) + _unknown_field_hint(errors)
-    return error_response(400, text)
+    return error_response(400, text, openai=_is_openai_route(request))
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), exc.headers, openai=_is_openai_route(request))
 
 
-async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error", exc_info=exc)
-    return error_response(500, "internal server error")
+    return error_response(500, "internal server error", openai=_is_openai_route(request))
 
 
 class BodySizeLimit:
@@ -141,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
             voices=voices,
             voice_check=VoiceCheck(voices, settings.voice_check_s),
             prompt_http=prompt_http,
+            replies=ReplyHub(settings).start(),
         )
         app.state.services = services
         try:
@@ -150,6 +176,7 @@ def create_app(settings: Settings) -> FastAPI:
             services.task_states.close()
             services.producer.close()
             prompt_http.close()
+            services.replies.close()
 
     app = FastAPI(
         title="IndexTTS API",
@@ -162,6 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     add_routes(app)
     add_voice_routes(app)
+    add_speech_routes(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

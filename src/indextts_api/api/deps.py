@@ -25,6 +25,7 @@ from indextts_api.config import Settings
 from indextts_api.kafka import AsyncProducer
 from indextts_api.metrics import LagMonitor
 from indextts_api.prompts import LocalPromptCheck
+from indextts_api.replies import ReplyHub
 from indextts_api.tasks import TaskStateStore
 from indextts_api.voices import VoiceCheck, VoiceStore
 
@@ -71,9 +72,11 @@ class ApiServices:
     voices: VoiceStore
     voice_check: VoiceCheck
     prompt_http: httpx.Client  # downloads of voices registered by URL
+    replies: ReplyHub  # audio and outcomes coming back from the workers
     # Basic auth credentials as bytes, compared in constant time (empty: nobody is let in).
     username: bytes
     password: bytes
+    bearer_keys: tuple[bytes, ...] = ()  # API_KEYS
 
 
 def make_services(
@@ -86,6 +89,7 @@ def make_services(
     voices: VoiceStore,
     voice_check: VoiceCheck,
     prompt_http: httpx.Client,
+    replies: ReplyHub,
 ) -> ApiServices:
     return ApiServices(
         settings=settings,
@@ -97,8 +101,10 @@ def make_services(
         voices=voices,
         voice_check=voice_check,
         prompt_http=prompt_http,
+        replies=replies,
         username=(settings.api_username or "").encode(),
         password=settings.api_password.get_secret_value().encode() if settings.api_password else b"",
+        bearer_keys=tuple(settings.bearer_keys),
     )
 
 
@@ -113,9 +119,11 @@ ServicesDep = Annotated[ApiServices, Depends(get_services)]
 async def authorized_services(
     request: Request, credentials: Annotated[HTTPBasicCredentials | None, Depends(_basic)]
 ) -> ApiServices:
-    """The services, for a caller whose Basic auth credentials match (compared in constant time);
-    401 with a Basic challenge otherwise."""
+    """The services, for a caller whose Basic auth credentials or bearer key (API_KEYS) match
+    (compared in constant time); 401 with a Basic challenge otherwise."""
     services = await get_services(request)
+    if services.bearer_keys and _bearer_matches(request, services.bearer_keys):
+        return services
     if credentials is not None and services.username and services.password:
         user_ok = secrets.compare_digest(credentials.username.encode(), services.username)
         password_ok = secrets.compare_digest(credentials.password.encode(), services.password)
@@ -126,6 +134,15 @@ async def authorized_services(
         detail="Authentication required",
         headers={"WWW-Authenticate": 'Basic realm="indextts-api"'},
     )
+
+
+def _bearer_matches(request: Request, keys: tuple[bytes, ...]) -> bool:
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.encode("utf-8", "surrogateescape")
+    # Every key is compared, so the time taken does not tell which one nearly matched.
+    return sum(secrets.compare_digest(given, key) for key in keys) > 0
 
 
 AuthorizedDep = Annotated[ApiServices, Depends(authorized_services)]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from indextts_api.schemas import TaskParams
 
@@ -33,12 +37,18 @@ class SynthesisOutcome:
     ignored: list[str] = field(default_factory=list)  # request features this engine could not honour
 
 
+# Called with each piece of audio as soon as it is synthesized (16-bit mono samples, sample rate),
+# for interactive requests; it may raise (a canceled task) to stop the synthesis there.
+OnSegment = Callable[[npt.NDArray[np.int16], int], None]
+
+
 class Engine(Protocol):
     name: str
     model_version: str
 
-    def synthesize(self, job: SynthesisJob, output_path: Path) -> SynthesisOutcome:
-        """Write a WAV file of ``job.text`` to ``output_path``. One call at a time per instance."""
+    def synthesize(self, job: SynthesisJob, output_path: Path, on_segment: OnSegment | None = None) -> SynthesisOutcome:
+        """Write a WAV file of ``job.text`` to ``output_path``, handing each segment to ``on_segment``
+        as it is ready. One call at a time per instance."""
         ...
 
     def close(self) -> None: ...

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 import soundfile
 
-from indextts_api.engines.base import EngineUnavailable, SynthesisError, SynthesisJob, SynthesisOutcome
+from indextts_api.engines.base import (
+    EngineUnavailable,
+    OnSegment,
+    SynthesisError,
+    SynthesisJob,
+    SynthesisOutcome,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +197,10 @@ def _import_model_class() -> Any:
     return IndexTTS2
 
 
+# What infer_generator writes (it sets sampling_rate = 22050 itself, whatever the config says).
+STREAM_SAMPLE_RATE = 22_050
+
+
 class IndexTTS2Engine:
     name = "indextts2"
     model_version = MODEL_VERSION
@@ -267,7 +277,9 @@ class IndexTTS2Engine:
                 ) from exc
         logger.info("IndexTTS2 warm-up synthesis in %.1f s", time.monotonic() - started)
 
-    def synthesize(self, job: SynthesisJob, output_path: Path) -> SynthesisOutcome:
+    def synthesize(self, job: SynthesisJob, output_path: Path, on_segment: OnSegment | None = None) -> SynthesisOutcome:
+        if on_segment is not None:
+            return self._synthesize_streaming(job, output_path, on_segment)
         result = self._model.infer(**infer_arguments(self._model, job))
         if result is None:
             raise SynthesisError("the text has nothing to speak once normalised")
@@ -278,6 +290,29 @@ class IndexTTS2Engine:
         return SynthesisOutcome(
             audio_seconds=float(samples.shape[0]) / float(sample_rate), sample_rate=int(sample_rate), ignored=ignored
         )
+
+    def _synthesize_streaming(self, job: SynthesisJob, output_path: Path, on_segment: OnSegment) -> SynthesisOutcome:
+        """``infer(stream_return=True)``: the package yields each text segment's audio (a float
+        tensor [1, samples]) and the silence between segments as it goes."""
+        sample_rate = STREAM_SAMPLE_RATE
+        frames = 0
+        with soundfile.SoundFile(
+            output_path, "w", samplerate=sample_rate, channels=1, subtype="PCM_16", format="WAV"
+        ) as wav:
+            for piece in self._model.infer(**{**infer_arguments(self._model, job), "stream_return": True}):
+                if piece is None:
+                    continue
+                floats = piece.float().numpy() if hasattr(piece, "float") else np.asarray(piece)
+                audio = np.clip(floats.reshape(-1) * 32767, -32767, 32767).astype(np.int16)
+                if not audio.size:
+                    continue
+                wav.write(audio)
+                frames += audio.size
+                on_segment(audio, sample_rate)
+        if frames == 0:
+            raise SynthesisError("the text has nothing to speak once normalised")
+        ignored = CAPABILITY_GAPS if not job.params.do_sample else []
+        return SynthesisOutcome(audio_seconds=frames / sample_rate, sample_rate=sample_rate, ignored=ignored)
 
     def close(self) -> None:
         self._model = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from indextts_api.engines.base import SynthesisError, SynthesisJob, SynthesisOutcome
+from indextts_api.engines.base import OnSegment, SynthesisError, SynthesisJob, SynthesisOutcome
 from indextts_api.engines.segments import split_text
 from indextts_api.schemas import TaskParams
 
@@ -81,7 +81,7 @@ class PiperEngine:
         self._voice = PiperVoice(config=PiperConfig.from_dict(config), session=session)
         self.sample_rate = int(self._voice.config.sample_rate)
 
-    def synthesize(self, job: SynthesisJob, output_path: Path) -> SynthesisOutcome:
+    def synthesize(self, job: SynthesisJob, output_path: Path, on_segment: OnSegment | None = None) -> SynthesisOutcome:
         segments = split_text(job.text, job.params.max_text_tokens_per_segment)
         if not segments:
             raise SynthesisError("text has nothing to say")
@@ -91,12 +91,15 @@ class PiperEngine:
             output_path, "w", samplerate=self.sample_rate, channels=1, subtype="PCM_16", format="WAV"
         ) as wav:
             for index, segment in enumerate(segments):
-                if index:
-                    wav.write(pause)
-                    frames += pause.size
-                for chunk in self._voice.synthesize(segment):
-                    wav.write(chunk.audio_int16_array)
-                    frames += chunk.audio_int16_array.size
+                pieces = [pause] if index else []
+                for chunk in self._voice.synthesize(segment):  # one chunk per sentence
+                    pieces.append(chunk.audio_int16_array)
+                    audio = np.concatenate(pieces)
+                    pieces = []
+                    wav.write(audio)
+                    frames += audio.size
+                    if on_segment is not None and audio.size:
+                        on_segment(audio, self.sample_rate)
         if frames == 0:
             raise SynthesisError("the engine produced no audio for this text")
         return SynthesisOutcome(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from confluent_kafka import Message
 from pydantic import ValidationError
 
@@ -22,6 +25,7 @@ from indextts_api.httpclient import make_http_client
 from indextts_api.logs import bind_task
 from indextts_api.metrics import AUDIO_SECONDS, PROMPT_FETCH_SECONDS, SYNTHESIS_SECONDS, TASKS_IN_FLIGHT
 from indextts_api.prompts import PromptError, PromptFetcher, VoiceStoreUnavailable
+from indextts_api.replies import ReplySender
 from indextts_api.schemas import ResultMessage, TaskMessage, describe_validation_error, now
 from indextts_api.spool import Spool, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
@@ -50,6 +54,56 @@ PREFETCHED_CHECK_VALID_S = 30.0
 REMEMBERED_TASKS = 4096
 
 
+class TaskCanceled(Exception):
+    """Raised between segments when the client canceled (an interactive client that disconnected)."""
+
+
+class EngineGate:
+    """One engine, two consumer loops: an interactive task takes the engine before any batch task
+    waiting for it, so it waits at most for the synthesis in progress, never for a backlog."""
+
+    def __init__(self) -> None:
+        self._free = threading.Condition()
+        self._busy = False
+        self._urgent_waiting = 0
+
+    @contextlib.contextmanager
+    def use(self, urgent: bool) -> Iterator[None]:
+        with self._free:
+            self._urgent_waiting += urgent
+            try:
+                while self._busy or (not urgent and self._urgent_waiting):
+                    self._free.wait()
+            finally:
+                self._urgent_waiting -= urgent
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._free:
+                self._busy = False
+                self._free.notify_all()
+
+
+class _ReplyStream:
+    """An interactive task's audio, sent to the reply topic segment by segment; between segments
+    it looks whether the client canceled (one HEAD), and stops the synthesis if so."""
+
+    def __init__(self, task_uuid: str, replies: ReplySender, states: TaskStateStore) -> None:
+        self._task_uuid = task_uuid
+        self._replies = replies
+        self._states = states
+        self._seq = 0
+        self.first_segment_at: float | None = None
+
+    def on_segment(self, samples: npt.NDArray[np.int16], sample_rate: int) -> None:
+        if self.first_segment_at is None:
+            self.first_segment_at = time.monotonic()
+        self._seq = self._replies.audio(self._task_uuid, samples, sample_rate, self._seq)
+        if self._states.cancel_requested(self._task_uuid):
+            raise TaskCanceled("canceled: the client disconnected")
+
+
 class TaskProcessor:
     """Everything one task needs, built once per process."""
 
@@ -63,8 +117,12 @@ class TaskProcessor:
         producer: kafka.SyncProducer,
         states: TaskStateStore,
         tenure: PartitionTenure,
+        replies: ReplySender | None = None,
+        gate: EngineGate | None = None,
     ) -> None:
         self._settings = settings
+        self._replies = replies
+        self._gate = gate or EngineGate()
         self._engine = engine
         self._fetcher = fetcher
         self._spool = spool
@@ -97,7 +155,32 @@ class TaskProcessor:
             ):
                 result = self._run(task, may_be_stored)
             result.started_at = started_at
+        if task.interactive:
+            self._announce(task, result)
         return self._send_result(result)
+
+    def _announce(self, task: TaskMessage, result: ResultMessage) -> None:
+        """The interactive client's last reply: done (its audio is all sent) or why not."""
+        if self._replies is None:
+            return
+        if result.status == "success":
+            self._replies.info(task.task_uuid, "done", {"audio_s": result.audio_s, "synthesis_s": result.synthesis_s})
+        else:
+            self._replies.info(
+                task.task_uuid, "error", {"status": result.status, "error_message": result.error_message}
+            )
+
+    def _interactive_refusal(self, task: TaskMessage) -> ResultMessage | None:
+        """An interactive task that nobody waits for any more: canceled, or older than the API's wait."""
+        try:
+            canceled = self._states.cancel_requested(task.task_uuid)
+        except Exception as exc:
+            raise TransientError(f"S3 unavailable: {exc}") from exc
+        if canceled:
+            return self._result(task, status="canceled", error_message="canceled before synthesis")
+        if time.time() - task.timestamp > self._settings.interactive_timeout_s:
+            return self._result(task, status="failed", error_message="expired: nobody waits for this audio any more")
+        return None
 
     def _refuse_invalid(self, message: Message, error: ValidationError) -> Future[None] | None:
         """A task message that does not validate (another producer, an older version): dead letters,
@@ -135,7 +218,10 @@ class TaskProcessor:
             return None
         error = redact_paths(client_message(failure), self._private_paths)
         logger.error("task %s failed for good: %s", task.task_uuid, describe(failure))
-        return self._send_result(self._result(task, status="failed", error_message=error))
+        result = self._result(task, status="failed", error_message=error)
+        if task.interactive:
+            self._announce(task, result)
+        return self._send_result(result)
 
     def _send_result(self, result: ResultMessage) -> Future[None]:
         try:
@@ -186,7 +272,12 @@ class TaskProcessor:
 
     def _run(self, task: TaskMessage, may_be_stored: bool) -> ResultMessage:
         uuid = task.task_uuid
-        if may_be_stored and self._audio_stored(task):
+        if task.interactive:
+            refusal = self._interactive_refusal(task)
+            if refusal is not None:
+                logger.info("task %s not synthesized: %s", uuid, refusal.error_message)
+                return refusal
+        elif may_be_stored and self._audio_stored(task):
             # A redelivered task whose audio is already stored: do not synthesize it again.
             logger.info("task %s already has its audio in S3; not synthesizing again", uuid)
             return self._result(task, status="success")
@@ -205,8 +296,14 @@ class TaskProcessor:
         scratch = self._spool.scratch_path(uuid)
         try:
             job = SynthesisJob(uuid, task.text, speaker, emotion, task.params)
+            stream = _ReplyStream(uuid, self._replies, self._states) if task.interactive and self._replies else None
             try:
-                outcome = self._engine.synthesize(job, scratch)
+                with self._gate.use(urgent=task.interactive):
+                    engine_started = time.monotonic()  # the engine's time starts when it is ours
+                    outcome = self._engine.synthesize(job, scratch, stream.on_segment if stream else None)
+            except TaskCanceled as exc:
+                logger.info("task %s: %s", uuid, exc)
+                return self._result(task, status="canceled", error_message=str(exc))
             except Exception as exc:
                 # An engine exception fails the task at once: a retry would fail the same way.
                 logger.exception("task %s synthesis failed", uuid)
@@ -219,15 +316,16 @@ class TaskProcessor:
                 raise TransientError(f"could not spool audio: {exc}") from exc
         finally:
             scratch.unlink(missing_ok=True)
-        SYNTHESIS_SECONDS.labels(self._engine.name).observe(synthesized - fetched)
+        SYNTHESIS_SECONDS.labels(self._engine.name).observe(synthesized - engine_started)
         AUDIO_SECONDS.labels(self._engine.name).observe(outcome.audio_seconds)
         PROMPT_FETCH_SECONDS.observe(fetched - started)
         logger.info(
-            "task %s synthesized %.2f s of audio in %.2f s (prompt %.2f s)%s",
+            "task %s synthesized %.2f s of audio in %.2f s (prompt %.2f s, engine wait %.2f s)%s",
             uuid,
             outcome.audio_seconds,
-            synthesized - fetched,
+            synthesized - engine_started,
             fetched - started,
+            engine_started - fetched,
             f"; engine ignored: {'; '.join(outcome.ignored)}" if outcome.ignored else "",
         )
         return self._result(
@@ -235,7 +333,8 @@ class TaskProcessor:
             status="success",
             audio=audio_uri,
             fetch_s=round(fetched - started, 4),
-            synthesis_s=round(synthesized - fetched, 4),
+            engine_wait_s=round(engine_started - fetched, 4),
+            synthesis_s=round(synthesized - engine_started, 4),
             audio_s=round(outcome.audio_seconds, 4),
         )
 
@@ -246,6 +345,7 @@ class TaskProcessor:
             queued_at=task.timestamp,
             engine=self._engine.name,
             output=task.output,
+            notify=task.notify,
             timestamp=now(),
             **outcome,
         )
@@ -298,6 +398,8 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
     # redelivery, which at-least-once handling already absorbs (same S3 key; a repeated webhook is
     # allowed). It saves the broker a write per task, on every task's path.
     producer = kafka.SyncProducer(settings, idempotent=False)
+    # Replies must arrive once and in order: an interactive client plays them as they come.
+    reply_producer = kafka.SyncProducer(settings)
     store = AudioStore(settings, s3)
     states = TaskStateStore(settings, store)
     work_dir = make_work_dir(Path(settings.data_dir), "tts")
@@ -311,8 +413,21 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
         producer,
         states,
         tenure,
+        ReplySender(settings, reply_producer),
+        EngineGate(),
     )
     budget = TaskBudget(settings.tts_worker_max_tasks, stop)
+    # The fast lane: interactive tasks, in a loop (and consumer group) of their own, which take the
+    # engine before the batch loop's next task (EngineGate).
+    interactive = PausingConsumerLoop(
+        kafka.make_consumer(settings, f"{settings.kafka_tts_consumer_group}_interactive"),
+        settings.kafka_interactive_topic,
+        budget.counted(processor.handle),
+        stop,
+        "tts-interactive",
+        give_up=processor.give_up,
+        policy=FailurePolicy(settings.unexpected_error_retries),
+    )
     loop = PausingConsumerLoop(
         kafka.make_consumer(settings, settings.kafka_tts_consumer_group),
         settings.kafka_task_topic,
@@ -330,11 +445,16 @@ def run_tts_worker(settings: Settings, loaded: LoadedEngine, stop: threading.Eve
         return {"retrying_since": loop.retrying.since, "retrying_reason": loop.retrying.reason}
 
     heartbeat = Heartbeat(settings, s3, store.bucket, {"role": "tts-worker", **loaded.details}, status).start()
+    fast_lane = threading.Thread(target=interactive.run, name="tts-interactive")
+    fast_lane.start()
     try:
         loop.run()
     finally:
+        stop.set()
+        fast_lane.join()
         heartbeat.stop()
         states.close()
+        reply_producer.close()
         producer.close()
         http.close()
         engine.close()

@@ -30,6 +30,7 @@ from indextts_api.metrics import (
     UPLOADS,
     WEBHOOK_DELIVERIES,
 )
+from indextts_api.replies import ReplySender
 from indextts_api.schemas import ResultMessage, WebhookPayload
 from indextts_api.spool import Spool, SpoolError, make_work_dir
 from indextts_api.storage import AudioStore, make_s3_client
@@ -64,6 +65,7 @@ class ResultProcessor:
         self._http = http
         self._producer = producer
         self._states = states
+        self._replies = ReplySender(settings, producer)
 
     def handle(self, message: Message) -> None:
         try:
@@ -76,6 +78,9 @@ class ResultProcessor:
 
     def _finish(self, message: Message, result: ResultMessage) -> None:
         uuid = result.task_uuid
+        if result.status == "canceled":
+            self._record_canceled(result)
+            return
         started = time.monotonic()
         # The outcome is recorded before the client is told: a client that reads GET /tasks/{id}
         # on receiving its webhook sees the same outcome. A success is recorded by the upload
@@ -88,11 +93,17 @@ class ResultProcessor:
                 self._states.write(uuid, "result", _outcome_document(result, payload, self._store))
             except Exception as exc:
                 raise TransientError(f"could not record the outcome: {exc}") from exc
+        latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
+        if result.notify:
+            self._replies.info(uuid, "finished", {"status": payload.status})  # a Prefer: wait request
+        if not result.hook_url:  # an interactive task: its client had the audio streamed
+            TASKS_FINISHED.labels(payload.status).inc()
+            logger.info("task %s %s (interactive, no webhook)%s", uuid, payload.status, latency)
+            return
         delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
         WEBHOOK_DELIVERIES.labels("delivered" if delivery.delivered else "failed", "1").inc()
         self._states.write_async(uuid, "webhook", webhook_document(1, delivery, upload_s))
         TASKS_FINISHED.labels(payload.status).inc()
-        latency = f"; {time.time() - result.queued_at:.3f} s since queued" if result.queued_at else ""
         if delivery.delivered:
             logger.info("task %s %s; webhook delivered%s", uuid, payload.status, latency)
             return
@@ -105,6 +116,27 @@ class ResultProcessor:
             raise TransientError(f"could not schedule the webhook retry: {exc}") from exc
         if not scheduled:
             kafka.dead_letter(self._producer, self._settings, message, f"webhook not delivered: {delivery.error}")
+
+    def _record_canceled(self, result: ResultMessage) -> None:
+        """A canceled task: nothing is uploaded, its status says canceled, no webhook."""
+        document = {
+            "status": "canceled",
+            "started_at": result.started_at,
+            "finished_at": time.time(),
+            "error_message": result.error_message,
+            "engine": result.engine,
+            "timings": {"fetch_s": result.fetch_s},
+        }
+        try:
+            self._states.write(result.task_uuid, "result", document)
+        except Exception as exc:
+            raise TransientError(f"could not record the outcome: {exc}") from exc
+        if result.audio:
+            self._spool.discard(result.audio)
+        if result.notify:
+            self._replies.info(result.task_uuid, "finished", {"status": "canceled"})
+        TASKS_FINISHED.labels("canceled").inc()
+        logger.info("task %s canceled: %s", result.task_uuid, result.error_message)
 
     def give_up(self, message: Message, failure: BaseException) -> None:
         """A result whose handling failed for good (failures.py decided): the client is told the task
@@ -123,9 +155,12 @@ class ResultProcessor:
             self._states.write(result.task_uuid, "result", _outcome_document(result, payload, self._store))
         except Exception as exc:  # noqa: BLE001 - the client's webhook matters more than the status record
             logger.warning("task %s: could not record its failure: %s", result.task_uuid, exc)
-        delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
-        self._states.write_async(result.task_uuid, "webhook", webhook_document(1, delivery))
         TASKS_FINISHED.labels("failed").inc()
+        if result.notify:
+            self._replies.info(result.task_uuid, "finished", {"status": "failed"})
+        if result.hook_url:
+            delivery = attempt_delivery(self._http, self._settings, result.hook_url, payload)
+            self._states.write_async(result.task_uuid, "webhook", webhook_document(1, delivery))
 
     def _payload(self, result: ResultMessage) -> WebhookPayload:
         stamp = int(time.time())
@@ -231,7 +266,12 @@ def _outcome_document(
         else None,
         "audio": audio.model_dump(exclude_none=True) if payload.status == "success" else None,
         "engine": result.engine,
-        "timings": {"fetch_s": result.fetch_s, "synthesis_s": result.synthesis_s, "audio_s": result.audio_s},
+        "timings": {
+            "fetch_s": result.fetch_s,
+            "engine_wait_s": result.engine_wait_s,
+            "synthesis_s": result.synthesis_s,
+            "audio_s": result.audio_s,
+        },
     }
 
 
