@@ -498,6 +498,29 @@ def test_speaker_prompts_are_content_addressed(
     assert by_url["spk_audio_prompt"] == first["spk_audio_prompt"]
 
 
+def test_registered_voice_keeps_one_path(
+    indextts_stack: IndexStack, index_api: httpx.Client, receiver: WebhookReceiver, prompt_dir: Path
+) -> None:
+    """A registered voice reaches the model under one path, named by its id, task after task (so
+    its speaker cache hits), as speaker and as emotion reference alike."""
+    with (prompt_dir / "tone.wav").open("rb") as recording:
+        registered = index_api.post("/voices", data={"name": "idx"}, files={"file": ("tone.wav", recording)})
+    assert registered.status_code in (200, 201), registered.text
+    voice = f"voice:{registered.json()['voice_id']}"
+    first = synthesize(indextts_stack, index_api, receiver, "A voice, first.", prompt=voice, emo_control_method=0)
+    second = synthesize(
+        indextts_stack,
+        index_api,
+        receiver,
+        "A voice, second.",
+        prompt=voice,
+        emo_control_method=1,
+        emo_audio_prompt=voice,
+    )
+    assert first["spk_audio_prompt"] == second["spk_audio_prompt"] == second["emo_audio_prompt"]
+    assert Path(first["spk_audio_prompt"]).name == f"voice-{registered.json()['voice_id']}.wav"
+
+
 # --- failures ----------------------------------------------------------------------------------------
 
 

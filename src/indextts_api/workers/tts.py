@@ -364,6 +364,7 @@ class TaskBudget:
     def __init__(self, max_tasks: int, stop: threading.Event) -> None:
         self._left = max_tasks
         self._stop = stop
+        self._lock = threading.Lock()  # both consumer loops (batch and interactive) count here
         self.spent = False
 
     def counted(self, handle: Callable[[Message], Future[None] | None]) -> Callable[[Message], Future[None] | None]:
@@ -372,8 +373,10 @@ class TaskBudget:
 
         def handle_and_count(message: Message) -> Future[None] | None:
             acknowledged = handle(message)  # a retried failure raises and is not counted
-            self._left -= 1
-            if self._left == 0:
+            with self._lock:
+                self._left -= 1
+                last = self._left == 0
+            if last:
                 logger.info("tts worker handled its TTS_WORKER_MAX_TASKS tasks; stopping for a fresh process")
                 self.spent = True
                 self._stop.set()
