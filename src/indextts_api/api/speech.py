@@ -37,6 +37,7 @@ OPENAI_VOICE_NAMES = frozenset(
     {"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse", "marin", "cedar"}
 )
 _BARE_VOICE_ID = re.compile(r"[0-9a-f]{32}")
+STREAM_FRAME_SAMPLES = 480  # 20 ms at 24 kHz: the unit of usage.output_tokens
 # How long the API waits for the reply hub to be reading at start-up before it refuses.
 HUB_READY_WAIT_S = 10.0
 
@@ -215,9 +216,6 @@ async def _stream(
                     logger.info("task %s canceled: the client disconnected after %d bytes", task_uuid, sent)
                 except Exception as exc:  # noqa: BLE001 - the task then runs to its end
                     logger.warning("task %s: could not record its cancellation: %s", task_uuid, exc)
-
-
-STREAM_FRAME_SAMPLES = 480  # 20 ms at 24 kHz
 
 
 def add_speech_routes(app: FastAPI) -> None:

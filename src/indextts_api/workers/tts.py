@@ -94,11 +94,8 @@ class _ReplyStream:
         self._replies = replies
         self._states = states
         self._seq = 0
-        self.first_segment_at: float | None = None
 
     def on_segment(self, samples: npt.NDArray[np.int16], sample_rate: int) -> None:
-        if self.first_segment_at is None:
-            self.first_segment_at = time.monotonic()
         self._seq = self._replies.audio(self._task_uuid, samples, sample_rate, self._seq)
         if self._states.cancel_requested(self._task_uuid):
             raise TaskCanceled("canceled: the client disconnected")
